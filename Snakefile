@@ -1,0 +1,23 @@
+# lrmerge: teach LLMs low-resource languages by continual pre-training and model merging.
+# Wiring only: config + validation, the plan, the rule files, rule all.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/models.smk"
+include: "rules/train.smk"
+include: "rules/merge.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_targets(),
+    default_target: True

@@ -1,0 +1,103 @@
+# Helpers shared by the rule files: config validation, the plan, input functions, resources.
+import os
+import shlex
+import sys
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, workflow.basedir)
+
+from workflow.config import ConfigError, validate_config  # noqa: E402
+from workflow.plan import PATTERNS, REPORT_FILES, WILDCARD_CONSTRAINTS, Plan  # noqa: E402
+
+from snakemake_interface_executor_plugins.settings import DeploymentMethod  # noqa: E402
+
+# With --sdm conda each job runs the python of its stage's environment; otherwise the
+# interpreter running Snakemake (the project's .venv).
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    PY = "python"
+else:
+    PY = shlex.quote(sys.executable)
+# Jobs find the workflow package, and keep their caches inside the working directory.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+os.environ.setdefault("HF_HOME", os.path.abspath(".cache/huggingface"))
+os.environ.setdefault("XDG_CACHE_HOME", os.path.abspath(".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+try:
+    _validated = validate_config(config, workdir=os.getcwd())
+except ConfigError as error:
+    raise WorkflowError(f"invalid config: {error}") from None
+config.clear()
+config.update(_validated)
+PLAN = Plan(config, workdir=os.getcwd())
+
+
+wildcard_constraints:
+    **WILDCARD_CONSTRAINTS,
+
+
+def get_final_targets():
+    return PLAN.targets()
+
+
+def _artifact(rule_name, wildcards):
+    artifact = PLAN.get(rule_name, wildcards.digest)
+    expected = PATTERNS[rule_name].format(**dict(wildcards.items()))
+    if artifact.path != expected:
+        raise WorkflowError(f"{expected} does not match the plan's {artifact.path}")
+    return artifact
+
+
+def get_inputs(rule_name):
+    """Input function: the artifact's inputs, nested dicts flattened for unpack()."""
+
+    def inputs(wildcards):
+        flat = {}
+        for key, value in _artifact(rule_name, wildcards).inputs.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}_{name}": path for name, path in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    return inputs
+
+
+def get_recipe(rule_name):
+    return lambda wildcards: _artifact(rule_name, wildcards).recipe_json
+
+
+def get_args(rule_name):
+    """The stage's input flags: --key path, --key p1 p2, or --key name=path per entry."""
+
+    def args(wildcards):
+        parts = []
+        for key, value in _artifact(rule_name, wildcards).inputs.items():
+            if isinstance(value, dict):
+                parts += [f"--{key}", *(shlex.quote(f"{name}={path}") for name, path in value.items())]
+            elif isinstance(value, list):
+                parts += [f"--{key}", *map(shlex.quote, value)]
+            else:
+                parts += [f"--{key}", shlex.quote(value)]
+        return " ".join(parts)
+
+    return args
+
+
+def get_resource(stage, key):
+    resources = config["resources"]
+    return resources.get(stage, {}).get(key, resources["default"].get(key, {"threads": 1, "mem_mb": 2000, "gpu": 0}[key]))
+
+
+def log_path(rule_name):
+    return "logs/" + PATTERNS[rule_name].removeprefix("results/").removesuffix("/scores.json") + ".log"
+
+
+def benchmark_path(rule_name):
+    return "benchmarks/" + PATTERNS[rule_name].removeprefix("results/").removesuffix("/scores.json") + ".tsv"
+
+
+# Every stage runs as `python -m workflow.<module>`, threads capped to the job's allotment.
+STAGE_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"

@@ -1,0 +1,25 @@
+# Report: scores.csv, paper-style tables and plots over every evaluated model.
+
+
+rule report:
+    input:
+        scores=[artifact.path for artifact in PLAN.evaluations],
+        models=[artifact.path for artifact in PLAN.trained],
+    output:
+        **REPORT_FILES,
+    params:
+        metrics=[f"{artifact.path}/metrics.json" for artifact in PLAN.trained],
+        outdir=os.path.dirname(REPORT_FILES["scores"]),
+    log:
+        "logs/report/report.log",
+    benchmark:
+        "benchmarks/report/report.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: get_resource("report", "threads")
+    resources:
+        mem_mb=get_resource("report", "mem_mb"),
+        gpu=get_resource("report", "gpu"),
+    shell:
+        STAGE_ENV + " {PY} -m workflow.report --scores {input.scores:q}"
+        " --train-metrics {params.metrics:q} --out {params.outdir} > {log} 2>&1"

@@ -1,0 +1,243 @@
+"""Evaluation through lm-eval on a tiny random Llama and tiny offline suites."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workflow import evaluate as ev
+from workflow.artifacts import digest_of, read_json, write_recipe
+from workflow.prompts import LABELS, TOPICS, topic_answer, topic_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+
+EU_TOPIC = [
+    ("Kalkulu-orri batean gelaxkak hautatu eta formula bat idatzi.", 0),
+    ("  Testu-dokumentu batean paragrafoaren estiloa aldatu.\n", 1),
+    ("Aurkezpen batean diapositiba berri bat txertatu.", 2),
+    ("Marrazki batean forma bat biratu eta kolorea aldatu.", 3),
+    ("Formula matematiko bat editorean idatzi.", 4),
+    ("Diagrama baten ardatzak eta legenda formateatu.", 5),
+    ("Makro bat Basic lengoaian grabatu eta exekutatu.", 6),
+]
+EN_TOPIC = [
+    ("Select cells in a spreadsheet and type a formula.", 0),
+    ("Change the paragraph style in a text document.", 1),
+    ("Open the database and run a query on the table.", 7),
+    ("General settings that apply to every module.", 8),
+]
+HELDOUT = [
+    "Gelaxka bat hautatzeko, egin klik gainean eta sakatu Sartu tekla. " * 3,
+    "Aukeratu Formatua - Karaktereak menua testuaren letra-tipoa aldatzeko.",
+    "Diapositiba aurkezpenak 1234 [a, b] bezalako testua ere izan dezake.",
+]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+
+
+def _eval_dir(path: Path, topic: list[tuple[str, int]] | None, heldout: list[str]) -> str:
+    path.mkdir(parents=True)
+    if topic is not None:
+        _write_jsonl(
+            path / "topic.jsonl",
+            [{"text": t, "label": label, "topic": TOPICS[label]} for t, label in topic],
+        )
+    _write_jsonl(path / "heldout.jsonl", [{"text": t} for t in heldout])
+    recipe = {"stage": "evalset", "version": "1", "params": {"lang": path.name}}
+    write_recipe(path, recipe)
+    return digest_of(recipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the test text."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("model")
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [t for t, _ in EU_TOPIC + EN_TOPIC] + HELDOUT + LABELS
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    recipe = {"stage": "model", "version": "1", "params": {"tiny": True}}
+    write_recipe(directory, recipe)
+    return directory, digest_of(recipe)
+
+
+@pytest.fixture(scope="session")
+def suites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    root = tmp_path_factory.mktemp("evalsets")
+    return {
+        "eu": (root / "eu", _eval_dir(root / "eu", EU_TOPIC, HELDOUT)),
+        "en": (root / "en", _eval_dir(root / "en", EN_TOPIC, HELDOUT[:1])),
+        "gl": (root / "gl", _eval_dir(root / "gl", None, HELDOUT[1:])),
+    }
+
+
+def _recipe(model_digest: str, suites: dict[str, tuple[Path, str]], limit: int | None) -> dict:
+    return {
+        "stage": "evaluate",
+        "version": "1",
+        "model": model_digest,
+        "subject": {"kind": "base", "name": "tiny", "lang": "eu"},
+        "suites": {
+            "eu": {"tasks": ["topic", "bpb"], "data": suites["eu"][1]},
+            "en": {"tasks": ["topic"], "data": suites["en"][1]},
+        },
+        "params": {"limit": limit, "batch_size": 4, "num_fewshot": 0, "max_length": None},
+    }
+
+
+def _run_cli(recipe: dict, model: Path, suite_args: list[str], out: Path, cwd: Path):
+    cmd = [sys.executable, "-m", "workflow.evaluate", "--recipe", json.dumps(recipe),
+           "--model", str(model), "--out", str(out), "--threads", "2"]
+    for arg in suite_args:
+        cmd += ["--suite", arg]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_DATASETS_CACHE")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_scores_every_task_and_metric(tiny_model, suites, tmp_path):
+    model, model_digest = tiny_model
+    recipe = _recipe(model_digest, suites, limit=5)
+    out = tmp_path / "scores" / "score.json"
+    proc = _run_cli(recipe, model, [f"eu={suites['eu'][0]}", f"en={suites['en'][0]}"], out,
+                    tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    score = read_json(out)
+    assert score["digest"] == digest_of(recipe)
+    assert score["recipe"] == recipe and score["subject"] == recipe["subject"]
+    assert score["lm_eval_version"].startswith("0.4")
+    assert score["wall_s"] > 0
+    got = {(r["suite"], r["task"], r["kind"], r["metric"]): r for r in score["results"]}
+    expected = {
+        ("eu", "lrm_topic_eu", "topic", "acc"), ("eu", "lrm_topic_eu", "topic", "acc_norm"),
+        ("en", "lrm_topic_en", "topic", "acc"), ("en", "lrm_topic_en", "topic", "acc_norm"),
+        ("eu", "lrm_bpb_eu", "bpb", "word_perplexity"),
+        ("eu", "lrm_bpb_eu", "bpb", "byte_perplexity"),
+        ("eu", "lrm_bpb_eu", "bpb", "bits_per_byte"),
+    }
+    assert set(got) == expected
+    for key, row in got.items():
+        if key[2] == "topic":
+            assert 0.0 <= row["value"] <= 1.0
+            assert row["stderr"] is not None and row["stderr"] >= 0.0
+        else:
+            assert math.isfinite(row["value"]) and row["value"] > 0
+    # A random model over a ~400-token vocabulary is far from compressing text.
+    assert got[("eu", "lrm_bpb_eu", "bpb", "bits_per_byte")]["value"] > 1.0
+    # limit=5 caps the 7 eu paragraphs; the other files are smaller than the limit.
+    assert score["n_samples"] == {"lrm_topic_eu": 5, "lrm_topic_en": 4, "lrm_bpb_eu": 3}
+    # The scratch directory (task YAMLs, HF datasets cache) is gone; only the score is left.
+    assert [p.name for p in out.parent.iterdir()] == ["score.json"]
+
+
+def test_topic_prompt_matches_prompts_module(suites, tmp_path, monkeypatch):
+    # datasets reads these at import (here, in-process): keep its cache out of ~/.cache.
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    directory = suites["eu"][0]
+    planned = [ev.PlannedTask("eu", "lrm_topic_eu", "topic", (directory / "topic.jsonl"))]
+    ev.write_task_yamls(planned, tmp_path / "tasks")
+    task = ev.make_task_manager(tmp_path / "tasks", with_registry=False).load(
+        ["lrm_topic_eu"]
+    )["tasks"]["lrm_topic_eu"]
+    docs = list(task.test_docs())
+    assert len(docs) == len(EU_TOPIC)
+    doc = docs[1]  # the paragraph with surrounding whitespace
+    assert task.doc_to_text(doc) == topic_prompt(EU_TOPIC[1][0])
+    assert task.doc_to_choice(doc) == LABELS
+    assert task.doc_to_target(doc) == 1
+    # The exact loglikelihood request: prompt, then the answer the SFT data teaches.
+    task.build_all_requests(limit=2)
+    request = [i for i in task.instances if i.doc_id == 1 and i.idx == 1][0]
+    assert request.arguments == (topic_prompt(EU_TOPIC[1][0]), topic_answer(TOPICS[1]))
+
+
+def test_cli_rejects_missing_suite_dir(tiny_model, suites, tmp_path):
+    model, model_digest = tiny_model
+    recipe = _recipe(model_digest, suites, limit=None)
+    missing = tmp_path / "no-such-evalset"
+    proc = _run_cli(recipe, model, [f"eu={suites['eu'][0]}", f"en={missing}"],
+                    tmp_path / "score.json", tmp_path)
+    assert proc.returncode == 2
+    assert "suite en" in proc.stderr and str(missing) in proc.stderr
+    assert not (tmp_path / "score.json").exists()
+
+
+def test_inputs_validated_before_running(tiny_model, suites, tmp_path):
+    model, model_digest = tiny_model
+    recipe = _recipe(model_digest, suites, limit=None)
+    dirs = {name: path for name, (path, _) in suites.items()}
+    with pytest.raises(ev.EvaluateError, match=r"--suite \['gl'\] not in the recipe"):
+        ev.plan_tasks(recipe, dirs)
+    with pytest.raises(ev.EvaluateError, match=r"recipe suites \['en'\] have no --suite"):
+        ev.plan_tasks(recipe, {"eu": dirs["eu"]})
+    # A corpus without topic labels has no topic.jsonl: asking for "topic" names the file.
+    recipe["suites"]["eu"]["data"] = suites["gl"][1]
+    with pytest.raises(ev.EvaluateError, match=r"gl/topic\.jsonl"):
+        ev.plan_tasks(recipe, {"eu": dirs["gl"], "en": dirs["en"]})
+    with pytest.raises(ev.EvaluateError, match="suite eu: eval data .* digest"):
+        ev.plan_tasks(recipe, {"eu": dirs["eu"], "en": dirs["en"]})
+    bad = dict(recipe, params={**recipe["params"], "batch_sise": 4})
+    with pytest.raises(ev.EvaluateError, match="batch_sise"):
+        ev.validate_recipe(bad)
+    with pytest.raises(ev.EvaluateError, match="model directory .* lacks config.json"):
+        ev.check_model_dir(tmp_path, model_digest)
+    ev.check_model_dir(model, model_digest)
+    with pytest.raises(ev.EvaluateError, match="model .* digest"):
+        ev.check_model_dir(model, "0" * 12)
+
+
+def test_bad_label_named_with_line(tmp_path):
+    path = tmp_path / "topic.jsonl"
+    _write_jsonl(path, [{"text": "a", "label": 0}, {"text": "b", "label": len(LABELS)}])
+    with pytest.raises(ev.EvaluateError, match=r"topic\.jsonl:2: 'label'"):
+        ev._check_records(path, "topic")
+
+
+def test_cli_rejects_unknown_registry_task(tiny_model, suites, tmp_path):
+    # Exercises the include_defaults=True path (lm-eval indexes its registry, ~8 s).
+    model, model_digest = tiny_model
+    recipe = _recipe(model_digest, suites, limit=None)
+    recipe["suites"]["en"]["tasks"] = ["topic", "no_such_task_xyz"]
+    out = tmp_path / "out" / "score.json"
+    proc = _run_cli(recipe, model, [f"eu={suites['eu'][0]}", f"en={suites['en'][0]}"], out,
+                    tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "suite en: task 'no_such_task_xyz'" in proc.stderr
+    assert list(out.parent.iterdir()) == []  # no score, no scratch left behind

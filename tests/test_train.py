@@ -1,0 +1,241 @@
+"""Training stages: exact token budgets, SFT label masking, and a pretrain -> ct -> sft chain."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workflow import models, train
+from workflow.artifacts import read_json
+from workflow.prompts import TOPIC_LABELS, topic_answer
+
+SEQ_LEN = 32
+WORDS = {
+    "scalc": "cell sheet formula column row sum value range pivot".split(),
+    "swriter": "page paragraph style font text heading footnote margin".split(),
+    "sdraw": "shape line curve arrow fill gradient object layer".split(),
+}
+ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+        "max_position_embeddings": 64, "tie_embeddings": False}
+TRAIN = {"lr": 1e-2, "min_lr": 1e-3, "warmup_ratio": 0.1, "batch_size": 8, "seq_len": SEQ_LEN,
+         "weight_decay": 0.0, "seed": 0}
+
+
+def write_corpus(path: Path, seed: int, lines: int, prefix: str = "") -> Path:
+    rng = random.Random(seed)
+    topics = list(WORDS)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(lines):
+            topic = topics[i % len(topics)]
+            text = prefix + " ".join(rng.choice(WORDS[topic]) for _ in range(10)) + "."
+            handle.write(json.dumps({"text": text, "topic": topic, "split": "train"}) + "\n")
+    return path
+
+
+def write_tokens(directory: Path, corpus: Path, tokenizer, budget: int) -> Path:
+    """A token dir in the data stage's format: documents + EOS, cut to ``budget``."""
+    ids: list[int] = []
+    for line in corpus.read_text().splitlines():
+        ids += tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
+    assert len(ids) >= budget
+    directory.mkdir(parents=True)
+    np.save(directory / "tokens.npy", np.asarray(ids[:budget], dtype=np.int32))
+    return directory
+
+
+def recipe(stage: str, **params) -> dict:
+    return {"stage": stage, "version": "1", "params": params}
+
+
+def mean_loss(model_dir: Path, dataset) -> float:
+    """Token-weighted loss of a saved model over a dataset of train.py examples."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).eval()
+    collator = train.CountingCollator(pad_id=0)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), 16):
+            batch = collator([dataset[i] for i in range(start, min(start + 16, len(dataset)))])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+    return total / collator.label_tokens
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("chain")
+    en = write_corpus(root / "en.jsonl", 1, 90)
+    es = write_corpus(root / "es.jsonl", 2, 90, prefix="la hoja: ")
+    tok_dir = root / "tokenizer"
+    tok_recipe = recipe("tokenizer", vocab_size=300, mix={"en": 1.0, "es": 1.0}, max_chars=50_000)
+    models.main(["tokenizer", "--recipe", json.dumps(tok_recipe), "--corpus", f"en={en}",
+                 "--corpus", f"es={es}", "--out", str(tok_dir)])
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # Budgets not divisible by seq_len (nor by seq_len - 1): the last block is partial.
+    en_a = write_tokens(root / "tok-en-a", en, tokenizer, 1001)
+    en_b = write_tokens(root / "tok-en-b", en, tokenizer, 500)
+    es_tok = write_tokens(root / "tok-es", es, tokenizer, 997)
+
+    pre = root / "pretrain"
+    pre_recipe = recipe("pretrain", architecture=ARCH, train={**TRAIN, "epochs": 3})
+    train.main(["pretrain", "--recipe", json.dumps(pre_recipe), "--tokenizer", str(tok_dir),
+                "--data", str(en_a), str(en_b), "--out", str(pre), "--threads", "2"])
+    ct = root / "ct"
+    ct_recipe = recipe("ct", train={**TRAIN, "epochs": 3, "grad_accum": 2})
+    train.main(["ct", "--recipe", json.dumps(ct_recipe), "--model", str(pre),
+                "--data", str(es_tok), "--out", str(ct), "--threads", "2"])
+    sft = root / "sft"
+    sft_recipe = recipe("sft", examples=60, train={**TRAIN, "lr": 5e-3, "epochs": 2})
+    train.main(["sft", "--recipe", json.dumps(sft_recipe), "--model", str(ct),
+                "--corpus", str(en), "--out", str(sft), "--threads", "2"])
+    return {"root": root, "tokenizer": tokenizer, "tok_dir": tok_dir, "en": en,
+            "en_tokens": [en_a, en_b], "es_tokens": es_tok, "pretrain": pre, "ct": ct, "sft": sft,
+            "recipes": {"pretrain": pre_recipe, "ct": ct_recipe, "sft": sft_recipe}}
+
+
+def initial_model_dir(chain) -> Path:
+    """The pretrain stage's seeded initialisation, saved, to measure loss before training."""
+    out = chain["root"] / "init"
+    if not out.exists():
+        tokenizer = chain["tokenizer"]
+        torch.manual_seed(0)
+        from transformers import LlamaForCausalLM, set_seed
+
+        set_seed(TRAIN["seed"])
+        LlamaForCausalLM(models.scratch_config(ARCH, tokenizer)).save_pretrained(out)
+    return out
+
+
+def blocks(paths: list[Path], tokenizer) -> train.PackedBlocks:
+    tokens = np.concatenate([train.load_tokens(p) for p in paths])
+    return train.PackedBlocks(tokens, SEQ_LEN, tokenizer.eos_token_id)
+
+
+def test_outputs_are_complete_artifacts(chain):
+    for stage in ("pretrain", "ct", "sft"):
+        out = chain[stage]
+        names = {p.name for p in out.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "recipe.json", "metrics.json"} <= names
+        assert not any(name.endswith((".bin", ".pt")) or name.startswith("_") for name in names)
+        assert read_json(out / "recipe.json")["recipe"] == chain["recipes"][stage]
+        metrics = read_json(out / "metrics.json")
+        assert {"tokens_budget", "tokens_trained", "steps", "wall_s", "tokens_per_s",
+                "final_loss", "peak_rss_mb"} <= set(metrics)
+        assert np.isfinite(metrics["final_loss"]) and metrics["peak_rss_mb"] > 0
+        tok = AutoTokenizer.from_pretrained(out)
+        assert tok("cell sheet")["input_ids"] == chain["tokenizer"]("cell sheet")["input_ids"]
+    # No leftovers of the atomic writes or the Trainer's output_dir beside the artifacts.
+    assert not list(chain["root"].glob(".*tmp*"))
+
+
+def test_token_budget_is_trained_exactly(chain):
+    pre = read_json(chain["pretrain"] / "metrics.json")
+    assert pre["tokens_budget"] == 1501
+    assert pre["tokens_trained"] == 3 * 1501
+    blocks_per_epoch = -(-1501 // (SEQ_LEN - 1))  # 49 blocks
+    assert pre["steps"] == 3 * -(-blocks_per_epoch // TRAIN["batch_size"])
+    ct = read_json(chain["ct"] / "metrics.json")
+    assert (ct["tokens_budget"], ct["tokens_trained"]) == (997, 3 * 997)
+    # 33 blocks -> 5 batches of 8 -> 3 updates per epoch with grad_accum 2 (the last partial).
+    assert ct["steps"] == 3 * 3
+
+
+def test_packed_blocks_target_every_token_once():
+    tokens = np.arange(10, 10 + 997, dtype=np.int32)
+    dataset = train.PackedBlocks(tokens, SEQ_LEN, sep_id=2)
+    targets: list[int] = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert len(item["input_ids"]) <= SEQ_LEN
+        targets += [t for t in item["labels"][1:] if t != -100]
+    assert targets == tokens.tolist()
+    assert dataset[0]["input_ids"][0] == 2
+    assert train.count_targets(dataset) == 997
+    batch = train.CountingCollator(pad_id=0)([dataset[len(dataset) - 1], dataset[0]])
+    short = len(dataset[len(dataset) - 1]["input_ids"])
+    assert short < SEQ_LEN
+    assert (batch["input_ids"][0, short:] == 0).all()
+    assert (batch["labels"][0, short:] == -100).all()
+    assert (batch["attention_mask"][0, short:] == 0).all()
+
+
+def test_pretrain_lowers_loss_on_its_data(chain):
+    data = blocks(chain["en_tokens"], chain["tokenizer"])
+    before = mean_loss(initial_model_dir(chain), data)
+    after = mean_loss(chain["pretrain"], data)
+    assert before > 5.0  # about ln(300) for an untrained model
+    assert after < before - 1.0
+
+
+def test_ct_lowers_loss_on_its_data(chain):
+    data = blocks([chain["es_tokens"]], chain["tokenizer"])
+    assert mean_loss(chain["ct"], data) < mean_loss(chain["pretrain"], data) - 0.3
+
+
+def test_sft_lowers_answer_loss(chain):
+    tokenizer = chain["tokenizer"]
+    lines = [json.loads(line) for line in chain["en"].read_text().splitlines()]
+    data = [train.build_sft_example(tokenizer, r["text"], r["topic"], SEQ_LEN) for r in lines[:60]]
+    assert mean_loss(chain["sft"], data) < mean_loss(chain["ct"], data) - 0.5
+    metrics = read_json(chain["sft"] / "metrics.json")
+    assert metrics["examples"] == 60
+    assert metrics["examples_per_topic"] == {"scalc": 20, "sdraw": 20, "swriter": 20}
+    assert metrics["tokens_trained"] == 2 * metrics["tokens_budget"]
+
+
+def test_sft_example_masks_prompt_and_keeps_answer(chain):
+    tokenizer = chain["tokenizer"]
+    long_text = " ".join(["formula cell value"] * 40)
+    example = train.build_sft_example(tokenizer, long_text, "scalc", SEQ_LEN)
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels) == SEQ_LEN  # truncated to fit
+    answer = [label for label in labels if label != -100]
+    assert answer[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(answer[:-1]) == topic_answer("scalc") == " spreadsheet"
+    n_prompt = len(ids) - len(answer)
+    assert labels[:n_prompt] == [-100] * n_prompt and ids[n_prompt:] == answer
+    # Left truncation keeps the cue next to the answer.
+    assert tokenizer.decode(ids[:n_prompt]).endswith("\nTopic:")
+    short = train.build_sft_example(tokenizer, "cell", "swriter", SEQ_LEN)
+    assert tokenizer.decode(short["input_ids"]) == "Paragraph: cell\nTopic: text document</s>"
+
+
+def test_sft_selection_is_balanced_and_deterministic():
+    records = [{"text": f"t{i}", "split": "train", "topic": "scalc"} for i in range(50)]
+    records += [{"text": f"w{i}", "split": "train", "topic": "swriter"} for i in range(3)]
+    records += [{"text": "held out", "split": "test", "topic": "sdraw"},
+                {"text": "no topic", "split": "train", "topic": None}]
+    chosen = train.select_sft_records(records, 20, seed=7)
+    assert [r["topic"] for r in chosen].count("swriter") == 3  # all it has
+    assert [r["topic"] for r in chosen].count("scalc") == 17
+    assert chosen == train.select_sft_records(records, 20, seed=7)
+    assert chosen != train.select_sft_records(records, 20, seed=8)
+    with pytest.raises(ValueError, match="'smurf'"):
+        train.select_sft_records([{"text": "x", "split": "train", "topic": "smurf"}], 1, 0)
+    assert set(TOPIC_LABELS) >= {"scalc", "swriter"}
+
+
+def test_bad_train_params_are_named():
+    with pytest.raises(ValueError, match="lrr"):
+        train.train_params({"train": {**TRAIN, "lrr": 1.0}})
+    with pytest.raises(ValueError, match="seq_len"):
+        train.train_params({"train": {k: v for k, v in TRAIN.items() if k != "seq_len"}})
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        train.train_params({"train": {**TRAIN, "warmup_ratio": 1.5}})
+
+
+def test_token_ids_outside_vocab_are_rejected(chain, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "tokens.npy", np.asarray([1, 2, 5000], dtype=np.int32))
+    with pytest.raises(SystemExit, match="5000"):
+        train.main(["ct", "--recipe", json.dumps(recipe("ct", train=TRAIN)),
+                    "--model", str(chain["pretrain"]), "--data", str(bad),
+                    "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,98 @@
+"""Reading corpora: the shipped demo JSONL, a user's JSONL, or plain text.
+
+Every format yields records ``{"text": str, "split": "train" | "test", "topic": str | None}``.
+
+- ``.jsonl`` / ``.jsonl.gz``: one JSON object per line with a ``text`` field; optional
+  ``split`` ("train"/"test") and ``topic`` fields. Records without ``split`` are assigned one
+  deterministically from a hash of their text (``heldout_fraction`` of them go to "test").
+- ``.txt`` / ``.txt.gz``: documents separated by blank lines; splits assigned the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "test")
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be read as documented; the message names the file."""
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _stem_suffix(path: Path) -> str:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return Path(name).suffix
+
+
+def hashed_split(text: str, heldout_fraction: float) -> str:
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "test" if bucket < heldout_fraction else "train"
+
+
+def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CorpusError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CorpusError(f"{path}:{number}: each line needs a string 'text' field")
+            split = record.get("split")
+            if split is not None and split not in SPLITS:
+                raise CorpusError(f"{path}:{number}: split must be one of {SPLITS}, got {split!r}")
+            yield record
+
+
+def _text_records(path: Path) -> Iterator[dict[str, Any]]:
+    with _open_text(path) as handle:
+        block: list[str] = []
+        for line in handle:
+            if line.strip():
+                block.append(line.rstrip("\n"))
+            elif block:
+                yield {"text": "\n".join(block)}
+                block = []
+        if block:
+            yield {"text": "\n".join(block)}
+
+
+def read_corpus(path: str | Path, heldout_fraction: float = 0.05) -> list[dict[str, Any]]:
+    """All records of a corpus file, each with ``text``, ``split`` and ``topic``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    suffix = _stem_suffix(path)
+    if suffix == ".jsonl":
+        raw = _jsonl_records(path)
+    elif suffix == ".txt":
+        raw = _text_records(path)
+    else:
+        raise CorpusError(f"{path}: unsupported corpus format (use .jsonl, .txt, optionally .gz)")
+    records = []
+    for record in raw:
+        text = record["text"].strip()
+        if not text:
+            continue
+        split = record.get("split") or hashed_split(text, heldout_fraction)
+        records.append({"text": text, "split": split, "topic": record.get("topic")})
+    if not records:
+        raise CorpusError(f"{path}: no non-empty documents")
+    return records
+
+
+def split_records(records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    return [record for record in records if record["split"] == split]

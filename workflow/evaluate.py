@@ -1,0 +1,462 @@
+"""Evaluate one model on per-language suites of lm-eval tasks, in one job (one model load).
+
+A suite is a language's eval-data directory from the ``evalset`` stage (``topic.jsonl`` with
+``{"text", "label", "topic"}`` lines, ``heldout.jsonl`` with ``{"text"}`` lines, recipe.json).
+Task names in the recipe:
+
+- ``topic``: the project's offline cross-lingual topic classification, lm-eval task
+  ``lrm_topic_<suite>`` (multiple choice over the English labels; acc, acc_norm);
+- ``bpb``: bits per byte on the held-out text, lm-eval task ``lrm_bpb_<suite>``
+  (loglikelihood_rolling; word_perplexity, byte_perplexity, bits_per_byte);
+- anything else: a task or group of lm-eval's own registry (e.g. ``belebele_eus_Latn``), which
+  needs its data set on the hub or in the local HF cache.
+
+The offline tasks are written as small YAML variants of the templates in ``workflow/tasks/``
+into a scratch directory beside the output, which also holds the HF datasets cache of the job
+and is removed afterwards.
+
+    python -m workflow.evaluate --recipe '<json>' --model DIR --suite eu=DIR [--suite en=DIR]
+        --out scores.json [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workflow.artifacts import RECIPE_FILE, digest_of, parse_recipe_arg, read_json, write_json
+from workflow.prompts import LABELS
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# Offline task kind -> (template in TASKS_DIR, data file in the suite directory).
+OFFLINE_TASKS: dict[str, tuple[str, str]] = {
+    "topic": ("_lrm_topic.yaml", "topic.jsonl"),
+    "bpb": ("_lrm_bpb.yaml", "heldout.jsonl"),
+}
+PARAM_KEYS = ("limit", "batch_size", "num_fewshot", "max_length")
+SUITE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+SEED = 1234
+
+
+class EvaluateError(ValueError):
+    """Bad recipe, arguments or eval data; the message names the key, file or value at fault."""
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """One lm-eval task (or registry group) to run for one suite."""
+
+    suite: str
+    name: str  # the lm-eval task name
+    kind: str  # "topic" / "bpb" for ours, the registry name otherwise
+    data_file: Path | None = None  # offline tasks only
+
+
+def offline_task_name(kind: str, suite: str) -> str:
+    return f"lrm_{kind}_{suite}"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(value: Any, key: str, minimum: int, nullable: bool) -> None:
+    if value is None and nullable:
+        return
+    # bool is an int subclass; true/false in a recipe is a mistake, not a number.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "an integer" + (" or null" if nullable else "")
+        raise EvaluateError(f"recipe params.{key} must be {kind} >= {minimum}, got {value!r}")
+
+
+def validate_recipe(recipe: dict[str, Any]) -> None:
+    """Check the recipe's shape up front, so a typo fails before a model is loaded."""
+    if recipe.get("stage") != STAGE:
+        raise EvaluateError(f"recipe stage must be {STAGE!r}, got {recipe.get('stage')!r}")
+    for key in ("version", "model", "subject", "suites", "params"):
+        if key not in recipe:
+            raise EvaluateError(f"recipe is missing key {key!r}")
+    suites = recipe["suites"]
+    if not isinstance(suites, dict) or not suites:
+        raise EvaluateError("recipe suites must be a non-empty object {suite: {tasks, data}}")
+    for suite, spec in suites.items():
+        if not SUITE_NAME.match(suite):
+            raise EvaluateError(f"recipe suite name {suite!r} must match {SUITE_NAME.pattern}")
+        if not isinstance(spec, dict) or "tasks" not in spec:
+            raise EvaluateError(f"recipe suites.{suite} must be an object with a 'tasks' list")
+        tasks = spec["tasks"]
+        if not isinstance(tasks, list) or not tasks or not all(
+            isinstance(t, str) and t for t in tasks
+        ):
+            raise EvaluateError(f"recipe suites.{suite}.tasks must be a non-empty list of names")
+        if len(set(tasks)) != len(tasks):
+            raise EvaluateError(f"recipe suites.{suite}.tasks has duplicates: {tasks}")
+    params = recipe["params"]
+    if not isinstance(params, dict):
+        raise EvaluateError("recipe params must be an object")
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise EvaluateError(f"recipe params has unknown keys {unknown}; known: {PARAM_KEYS}")
+    missing = [key for key in PARAM_KEYS if key not in params]
+    if missing:
+        raise EvaluateError(f"recipe params is missing keys {missing}")
+    _check_int(params["limit"], "limit", 1, nullable=True)
+    _check_int(params["batch_size"], "batch_size", 1, nullable=False)
+    _check_int(params["num_fewshot"], "num_fewshot", 0, nullable=False)
+    _check_int(params["max_length"], "max_length", 1, nullable=True)
+
+
+def parse_suite_args(values: list[str]) -> dict[str, Path]:
+    """``["eu=DIR", ...]`` -> ``{"eu": Path(DIR)}``."""
+    suites: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise EvaluateError(f"--suite must be NAME=DIR, got {value!r}")
+        if name in suites:
+            raise EvaluateError(f"--suite {name} given twice")
+        suites[name] = Path(directory)
+    return suites
+
+
+def _check_digest(directory: Path, expected: Any, what: str) -> None:
+    """The recipe names its inputs by digest; a directory whose recipe.json disagrees is the
+    wrong artifact (a wiring bug), so refuse it rather than score the wrong thing."""
+    recipe_file = directory / RECIPE_FILE
+    if expected is None or not recipe_file.is_file():
+        return
+    found = read_json(recipe_file).get("digest")
+    if found is not None and found != expected:
+        raise EvaluateError(
+            f"{what} {directory} has digest {found!r} in {recipe_file.name}, "
+            f"but the recipe expects {expected!r}"
+        )
+
+
+def _check_records(path: Path, kind: str) -> int:
+    """Validate an eval JSONL file line by line; return its record count."""
+    count = 0
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EvaluateError(f"{path}:{number}: not valid JSON ({error})") from error
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise EvaluateError(f"{path}:{number}: 'text' must be a non-empty string")
+            if kind == "topic":
+                label = record.get("label")
+                if isinstance(label, bool) or not isinstance(label, int) or not (
+                    0 <= label < len(LABELS)
+                ):
+                    raise EvaluateError(
+                        f"{path}:{number}: 'label' must be an integer in [0, {len(LABELS)}), "
+                        f"got {label!r}"
+                    )
+            count += 1
+    if count == 0:
+        raise EvaluateError(f"{path} holds no records")
+    return count
+
+
+def plan_tasks(recipe: dict[str, Any], suite_dirs: dict[str, Path]) -> list[PlannedTask]:
+    """Match --suite directories to recipe suites and check every input file exists."""
+    suites = recipe["suites"]
+    unknown = sorted(set(suite_dirs) - set(suites))
+    if unknown:
+        raise EvaluateError(f"--suite {unknown} not in the recipe's suites {sorted(suites)}")
+    missing = sorted(set(suites) - set(suite_dirs))
+    if missing:
+        raise EvaluateError(f"recipe suites {missing} have no --suite NAME=DIR argument")
+    planned: list[PlannedTask] = []
+    for suite, spec in suites.items():
+        directory = suite_dirs[suite]
+        if not directory.is_dir():
+            raise EvaluateError(f"suite {suite}: eval data directory {directory} does not exist")
+        _check_digest(directory, spec.get("data"), f"suite {suite}: eval data")
+        for task in spec["tasks"]:
+            if task not in OFFLINE_TASKS:
+                planned.append(PlannedTask(suite, task, task))
+                continue
+            data_file = directory / OFFLINE_TASKS[task][1]
+            if not data_file.is_file():
+                raise EvaluateError(
+                    f"suite {suite}: task {task!r} needs {data_file}, which does not exist"
+                )
+            _check_records(data_file, task)
+            planned.append(
+                PlannedTask(suite, offline_task_name(task, suite), task, data_file.resolve())
+            )
+    return planned
+
+
+def check_model_dir(model_dir: Path, expected_digest: Any) -> None:
+    for name in ("config.json", "model.safetensors"):
+        if not (model_dir / name).is_file():
+            # Sharded checkpoints carry an index instead of one file.
+            if name == "model.safetensors" and (model_dir / f"{name}.index.json").is_file():
+                continue
+            raise EvaluateError(f"model directory {model_dir} lacks {name}")
+    _check_digest(model_dir, expected_digest, "model")
+
+
+# ----------------------------------------------------------------------------- lm-eval tasks
+
+
+def write_task_yamls(planned: list[PlannedTask], dest: Path) -> None:
+    """Write one lm-eval YAML per offline task: an ``include:`` of the template plus the task
+    name and the suite's data file, the way lm-eval's per-language variants are written."""
+    template_labels = yaml.safe_load((TASKS_DIR / "_lrm_topic.yaml").read_text("utf-8"))[
+        "doc_to_choice"
+    ]
+    if template_labels != LABELS:
+        raise EvaluateError(
+            f"{TASKS_DIR / '_lrm_topic.yaml'} doc_to_choice {template_labels} differs from "
+            f"workflow.prompts.LABELS {LABELS}"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    for task in planned:
+        if task.data_file is None:
+            continue
+        variant = {
+            "include": str(TASKS_DIR / OFFLINE_TASKS[task.kind][0]),
+            "task": task.name,
+            "dataset_kwargs": {"data_files": {"test": str(task.data_file)}},
+        }
+        (dest / f"{task.name}.yaml").write_text(
+            yaml.safe_dump(variant, sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
+
+
+def make_task_manager(task_dir: Path, with_registry: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's built-in tasks costs ~10 s; only pay it when a registry task is asked.
+    return TaskManager(include_path=str(task_dir), include_defaults=with_registry)
+
+
+@contextlib.contextmanager
+def isolated_caches(scratch: Path, offline: bool) -> Iterator[None]:
+    """Point the HF caches into the job's scratch directory (unless the user chose one).
+
+    Must be entered before ``datasets`` / ``huggingface_hub`` are imported: they read these
+    variables at import time. Registry tasks keep the user's HF_HOME: their data sets are
+    downloaded once into it (and gated ones need the token stored there).
+    """
+    wanted = {"HF_DATASETS_CACHE": str(scratch / "hf" / "datasets")}
+    if offline:
+        wanted |= {
+            "HF_HOME": str(scratch / "hf"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+    saved = {key: os.environ.get(key) for key in wanted}
+    for key, value in wanted.items():
+        if key.endswith("OFFLINE") or key not in os.environ:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _number(value: Any) -> float | None:
+    """lm-eval reports a missing stderr as "N/A"; JSON has no NaN, so both become null."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _descendants(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
+    out = [name]
+    for child in group_subtasks.get(name, []):
+        out += _descendants(child, group_subtasks)
+    return out
+
+
+def collect_results(
+    raw: dict[str, Any], planned: list[PlannedTask]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Flatten lm-eval's nested results into one row per (suite, task, metric)."""
+    results = raw["results"]
+    group_subtasks = raw.get("group_subtasks", {})
+    rows: list[dict[str, Any]] = []
+    for task in planned:
+        for name in _descendants(task.name, group_subtasks):
+            if name not in results:
+                continue  # a group without aggregate metrics reports only its subtasks
+            metrics = results[name]
+            for key, value in metrics.items():
+                # Metric keys read "metric,filter"; the rest (alias, name, sample_len) is
+                # bookkeeping, and stderr values ride along with their metric.
+                metric, comma, filter_name = key.partition(",")
+                if not comma or metric.endswith("_stderr"):
+                    continue
+                stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+                # Generative tasks may carry several filters; "none" is the common default.
+                label = metric if filter_name == "none" else f"{metric},{filter_name}"
+                value_f = _number(value)
+                if value_f is None:
+                    log.warning("task %s metric %s has non-finite value %r", name, key, value)
+                rows.append(
+                    {
+                        "suite": task.suite,
+                        "task": name,
+                        "kind": task.kind,
+                        "metric": label,
+                        "value": value_f,
+                        "stderr": _number(stderr),
+                    }
+                )
+    n_samples = {
+        name: int(counts["effective"]) for name, counts in raw.get("n-samples", {}).items()
+    }
+    return rows, n_samples
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def evaluate(
+    recipe: dict[str, Any],
+    model_dir: str | Path,
+    suite_dirs: dict[str, Path],
+    out: str | Path,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run every suite's tasks on one model and write the score file ``out`` atomically."""
+    start = time.monotonic()
+    validate_recipe(recipe)
+    model_dir, out = Path(model_dir), Path(out)
+    check_model_dir(model_dir, recipe["model"])
+    planned = plan_tasks(recipe, suite_dirs)
+    with_registry = any(task.data_file is None for task in planned)
+    params = recipe["params"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    try:
+        task_dir = scratch / "tasks"
+        write_task_yamls(planned, task_dir)
+        with isolated_caches(scratch, offline=not with_registry):
+            raw, version = _run_lm_eval(model_dir, planned, task_dir, with_registry, params,
+                                        threads)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    rows, n_samples = collect_results(raw, planned)
+    score = {
+        "digest": digest_of(recipe),
+        "recipe": recipe,
+        "subject": recipe["subject"],
+        "results": rows,
+        "n_samples": n_samples,
+        "lm_eval_version": version,
+        "wall_s": round(time.monotonic() - start, 3),
+    }
+    write_json(out, score)
+    log.info("wrote %d scores to %s in %.1f s", len(rows), out, score["wall_s"])
+    return score
+
+
+def _run_lm_eval(
+    model_dir: Path,
+    planned: list[PlannedTask],
+    task_dir: Path,
+    with_registry: bool,
+    params: dict[str, Any],
+    threads: int | None,
+) -> tuple[dict[str, Any], str]:
+    # Imported here, after the cache variables are set: datasets reads them at import time.
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    task_manager = make_task_manager(task_dir, with_registry)
+    names = list(dict.fromkeys(task.name for task in planned))  # a registry task once
+    # Fail before the model load, naming the suite: lm-eval's own error comes later and vaguer.
+    for task in planned:
+        if task.name not in task_manager.all_tasks:
+            raise EvaluateError(
+                f"suite {task.suite}: task {task.name!r} is neither 'topic', 'bpb' nor a task, "
+                "group or tag of lm-eval's registry"
+            )
+    lm = HFLM(
+        pretrained=str(model_dir),
+        tokenizer=str(model_dir),
+        batch_size=params["batch_size"],
+        device=device,
+        dtype="float32",
+        trust_remote_code=False,
+        max_length=params["max_length"],
+    )
+    log.info("evaluating %s on %s: %s", model_dir, device, names)
+    raw = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        task_manager=task_manager,
+        limit=params["limit"],
+        num_fewshot=params["num_fewshot"],
+        log_samples=False,
+        random_seed=SEED,
+        numpy_random_seed=SEED,
+        torch_random_seed=SEED,
+        fewshot_random_seed=SEED,
+    )
+    if raw is None:
+        raise RuntimeError("lm_eval.simple_evaluate returned no results (not rank 0?)")
+    return raw, getattr(lm_eval, "__version__", "unknown")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workflow.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="the score file's recipe (JSON)")
+    parser.add_argument("--model", required=True, type=Path, help="HF-format model directory")
+    parser.add_argument("--suite", required=True, action="append", default=[],
+                        metavar="NAME=DIR", help="a suite's eval data directory (repeatable)")
+    parser.add_argument("--out", required=True, type=Path, help="score file to write (JSON)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = parse_recipe_arg(args.recipe)
+    except ValueError as error:
+        parser.exit(2, f"evaluate: error: bad --recipe: {error}\n")
+    try:
+        evaluate(recipe, args.model, parse_suite_args(args.suite), args.out, args.threads)
+    except EvaluateError as error:
+        parser.exit(2, f"evaluate: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

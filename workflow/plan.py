@@ -1,0 +1,423 @@
+"""The plan: every artifact the config asks for, with its path, recipe and inputs.
+
+Built from the validated config at parse time without reading any big artifact. Each artifact's
+path carries readable wildcards and the digest of its recipe (see ``PATTERNS``); the rules in
+rules/*.smk use the same patterns, and their input functions look artifacts up by
+``(rule, digest)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workflow.artifacts import digest_of, sha256_file
+from workflow.config import resolve_path
+
+# Bump a stage's version when its code changes what it writes: every artifact of that stage
+# (and everything downstream) gets a new digest and is rebuilt; old ones stay usable.
+STAGE_VERSIONS = {
+    "tokenizer": "1",
+    "prepare": "1",
+    "evalset": "1",
+    "pretrain": "1",
+    "import_hf": "1",
+    "import_gguf": "1",
+    "sft": "1",
+    "ct": "1",
+    "merge": "1",
+    "evaluate": "1",
+}
+
+PATTERNS = {
+    "tokenizer": "results/tokenizer/{model}/{digest}",
+    "prepare": "results/data/{model}/{corpus}/{tokens}/{digest}",
+    "evalset": "results/evaldata/{corpus}/{digest}",
+    "pretrain": "results/base/{model}/{digest}",
+    "import_hf": "results/import/{model}/{digest}",
+    "import_gguf": "results/import-gguf/{model}/{digest}",
+    "sft": "results/sft/{model}/{digest}",
+    "ct": "results/ct/{model}/{lang}/{tokens}/{digest}",
+    "ctsft": "results/ctsft/{model}/{lang}/{tokens}/{digest}",
+    "merge": "results/merge/{model}/{langs}/{tokens}/{method}/{hparams}/{digest}",
+    "evaluate": "results/eval/{subject}/{suites}/{digest}/scores.json",
+}
+REPORT_FILES = {
+    "scores": "results/report/scores.csv",
+    "table": "results/report/table.md",
+    "curves": "results/report/budget_curves.png",
+    "tradeoff": "results/report/bpb_vs_acc.png",
+}
+WILDCARD_CONSTRAINTS = {
+    "digest": "[0-9a-f]{12}",
+    "model": "[A-Za-z0-9][A-Za-z0-9._-]*",
+    "corpus": "[A-Za-z0-9][A-Za-z0-9._-]*",
+    "lang": "[A-Za-z0-9][A-Za-z0-9._-]*",
+    "langs": "[A-Za-z0-9][A-Za-z0-9._+-]*",
+    "tokens": "[0-9]+",
+    "method": "[a-z_]+",
+    "hparams": "[A-Za-z0-9._+-]+",
+    "suites": "[A-Za-z0-9._+-]+",
+    "subject": ".+",
+}
+MERGE_GLOBAL_KEYS = ("lambda", "normalize", "rescale", "slack", "t")
+MERGE_MODEL_KEYS = ("weight", "density", "epsilon", "gamma")
+ENGLISH_SUITE = "en"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One output of one job: where it lives, what decides its bytes, what it is built from."""
+
+    rule: str
+    path: str
+    recipe: dict[str, Any]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    subject: dict[str, Any] | None = None  # readable model metadata, for evaluated models
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.recipe)
+
+    @property
+    def recipe_json(self) -> str:
+        return json.dumps(self.recipe, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class MergeVariant:
+    """One point of a merge entry's hyperparameter grid."""
+
+    method: str
+    params: dict[str, Any]
+    roles: dict[str, dict[str, Any]]  # "ct" / "sft" -> per-model parameters
+    label: str
+    single: bool
+    multilingual: bool
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def merge_variants(entry: dict[str, Any]) -> list[MergeVariant]:
+    """Expand one ``merges`` entry into its grid points; list values are axes."""
+    from workflow.merge.methods import resolve_merge_spec
+
+    axes: list[tuple[tuple[str, ...], list[Any]]] = []
+    for key in MERGE_GLOBAL_KEYS:
+        if key in entry:
+            value = entry[key]
+            axes.append(((key,), value if isinstance(value, list) else [value]))
+    for role, params in sorted(entry.get("models", {}).items()):
+        for key in MERGE_MODEL_KEYS:
+            if key in params:
+                value = params[key]
+                axes.append(((role, key), value if isinstance(value, list) else [value]))
+    variants = []
+    for point in itertools.product(*(values for _, values in axes)):
+        params: dict[str, Any] = {}
+        roles: dict[str, dict[str, Any]] = {"ct": {}, "sft": {}}
+        label_parts = []
+        for (key_path, _), value in zip(axes, point, strict=True):
+            if len(key_path) == 1:
+                params[key_path[0]] = value
+                label_parts.append(f"{key_path[0]}{_fmt(value)}")
+            else:
+                roles[key_path[0]][key_path[1]] = value
+                label_parts.append(f"{key_path[0]}.{key_path[1]}{_fmt(value)}")
+        if "seed" in entry:
+            params["seed"] = entry["seed"]
+        models = [{"role": "ct", **roles["ct"]}, {"role": "sft", **roles["sft"]}]
+        # Defaults are filled into the recipe: a changed default is a changed merge.
+        resolved, (ct_params, sft_params), _ = resolve_merge_spec(entry["method"], params, models)
+        variants.append(
+            MergeVariant(
+                method=entry["method"],
+                params=resolved,
+                roles={"ct": ct_params, "sft": sft_params},
+                label="-".join(label_parts) or "default",
+                single=entry["single"],
+                multilingual=entry["multilingual"],
+            )
+        )
+    return variants
+
+
+class HashCache:
+    """sha256 of external files, cached by (path, size, mtime) so planning stays cheap."""
+
+    def __init__(self, cache_file: Path):
+        self.cache_file = cache_file
+        try:
+            self.entries: dict[str, str] = json.loads(cache_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.entries = {}
+        self.dirty = False
+
+    def sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.entries:
+            if path.is_dir():
+                parts = sorted(
+                    f"{p.relative_to(path)}:{self.sha256(p)}" for p in path.rglob("*") if p.is_file()
+                )
+                self.entries[key] = digest_of({"directory": parts})
+            else:
+                self.entries[key] = sha256_file(path)
+            self.dirty = True
+        return self.entries[key]
+
+    def save(self) -> None:
+        if self.dirty:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+            os.replace(tmp, self.cache_file)
+            self.dirty = False
+
+
+class Plan:
+    """All artifacts of a config, indexed by (rule, digest)."""
+
+    def __init__(self, config: dict[str, Any], workdir: str | Path = "."):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.hashes = HashCache(self.workdir / ".cache" / "lrmerge" / "file-hashes.json")
+        self.by_key: dict[tuple[str, str], Artifact] = {}
+        self.evaluations: list[Artifact] = []
+        self.trained: list[Artifact] = []
+        self._build()
+        self.hashes.save()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _add(self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any) -> Artifact:
+        stage = recipe["stage"]
+        recipe = {"stage": stage, "version": STAGE_VERSIONS[stage], **recipe}
+        digest = digest_of(recipe)
+        path = PATTERNS[rule].format(digest=digest, **wildcards)
+        artifact = Artifact(rule=rule, path=path, recipe=recipe, inputs=inputs)
+        self.by_key.setdefault((rule, digest), artifact)
+        return self.by_key[(rule, digest)]
+
+    def get(self, rule: str, digest: str) -> Artifact:
+        try:
+            return self.by_key[(rule, digest)]
+        except KeyError:
+            raise KeyError(f"no {rule} artifact with digest {digest} in this config") from None
+
+    def corpus_ref(self, name: str) -> tuple[dict[str, Any], Path]:
+        spec = self.config["corpora"][name]
+        path = resolve_path(spec["path"], self.workdir)
+        ref = {"name": name, "sha256": self.hashes.sha256(path), "heldout_fraction": spec["heldout_fraction"]}
+        return ref, path
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _prepare(self, tokenizer: Artifact, corpus: str, tokens: int) -> Artifact:
+        ref, path = self.corpus_ref(corpus)
+        recipe = {
+            "stage": "prepare",
+            "params": {"tokens": tokens, "heldout_fraction": ref["heldout_fraction"]},
+            "corpus": ref,
+            "tokenizer": tokenizer.digest,
+        }
+        inputs = {"corpus": str(path), "tokenizer": tokenizer.path}
+        return self._add("prepare", recipe, inputs, model=self.name, corpus=corpus, tokens=tokens)
+
+    def _evalset(self, corpus: str) -> Artifact:
+        ref, path = self.corpus_ref(corpus)
+        evaluation = self.config["evaluation"]
+        recipe = {
+            "stage": "evalset",
+            "params": {
+                "heldout_fraction": ref["heldout_fraction"],
+                "max_topic_docs": evaluation["max_topic_docs"],
+                "max_heldout_docs": evaluation["max_heldout_docs"],
+            },
+            "corpus": ref,
+        }
+        return self._add("evalset", recipe, {"corpus": str(path)}, corpus=corpus)
+
+    def _hub_import(self, spec: dict[str, Any], name: str) -> Artifact:
+        local = Path(spec["id"]).expanduser()
+        params = dict(spec)
+        if local.is_dir():  # a local directory is identified by its content, a hub id by revision
+            params["content_sha256"] = self.hashes.sha256(local)
+        return self._add("import_hf", {"stage": "import_hf", "params": params}, {}, model=name)
+
+    def _base(self) -> tuple[Artifact, Artifact]:
+        """The base model and the artifact whose tokenizer prepares data for it."""
+        model = self.config["model"]
+        if model["source"] == "hf":
+            base = self._hub_import(model["hf"], self.name)
+            return base, base
+        if model["source"] == "gguf":
+            base = self._add("import_gguf", {"stage": "import_gguf", "params": model["gguf"]}, {}, model=self.name)
+            return base, base
+        scratch = model["scratch"]
+        tok_spec = scratch["tokenizer"]
+        tok_corpora = {name: self.corpus_ref(name) for name in sorted(tok_spec["mix"])}
+        tokenizer = self._add(
+            "tokenizer",
+            {
+                "stage": "tokenizer",
+                "params": {**tok_spec, "model_max_length": scratch["architecture"]["max_position_embeddings"]},
+                "corpora": {name: ref for name, (ref, _) in tok_corpora.items()},
+            },
+            {"corpus": {name: str(path) for name, (_, path) in tok_corpora.items()}},
+            model=self.name,
+        )
+        pretrain = scratch["pretrain"]
+        shares = _split_budget(pretrain["tokens"], pretrain["mix"])
+        data = [self._prepare(tokenizer, corpus, tokens) for corpus, tokens in shares.items()]
+        base = self._add(
+            "pretrain",
+            {
+                "stage": "pretrain",
+                "params": {"architecture": scratch["architecture"], "train": pretrain["train"]},
+                "tokenizer": tokenizer.digest,
+                "data": [artifact.digest for artifact in data],
+            },
+            {"tokenizer": tokenizer.path, "data": [artifact.path for artifact in data]},
+            model=self.name,
+        )
+        self.trained.append(base)
+        return base, tokenizer
+
+    def _sft(self, model: Artifact, rule: str, **wildcards: Any) -> Artifact:
+        sft = self.config["sft"]
+        ref, path = self.corpus_ref(sft["corpus"])
+        recipe = {
+            "stage": "sft",
+            "params": {"examples": sft["examples"], "train": sft["train"]},
+            "model": model.digest,
+            "corpus": ref,
+        }
+        artifact = self._add(rule, recipe, {"model": model.path, "corpus": str(path)}, model=self.name, **wildcards)
+        self.trained.append(artifact)
+        return artifact
+
+    def _ct(self, base: Artifact, data: Artifact, lang: str, tokens: int) -> Artifact:
+        recipe = {
+            "stage": "ct",
+            "params": {"train": self.config["ct"]["train"]},
+            "model": base.digest,
+            "data": data.digest,
+        }
+        artifact = self._add("ct", recipe, {"model": base.path, "data": data.path}, model=self.name, lang=lang, tokens=tokens)
+        self.trained.append(artifact)
+        return artifact
+
+    def _merge(self, variant: MergeVariant, base: Artifact, cts: dict[str, Artifact], sft: Artifact, tokens: int) -> Artifact:
+        members = [({"role": "ct", "lang": lang, **variant.roles["ct"]}, ct) for lang, ct in sorted(cts.items())]
+        members.append(({"role": "sft", **variant.roles["sft"]}, sft))
+        recipe = {
+            "stage": "merge",
+            "method": variant.method,
+            "params": variant.params,
+            "models": [{**spec, "digest": artifact.digest} for spec, artifact in members],
+            "base": base.digest,
+        }
+        inputs = {"base": base.path, "models": [artifact.path for _, artifact in members]}
+        return self._add(
+            "merge", recipe, inputs,
+            model=self.name, langs="+".join(sorted(cts)), tokens=tokens,
+            method=variant.method, hparams=variant.label,
+        )
+
+    def _evaluate(self, model: Artifact, subject: dict[str, Any], suites: list[str]) -> Artifact:
+        evaluation = self.config["evaluation"]
+        suite_specs = {}
+        suite_inputs = {}
+        for suite in suites:
+            if suite == ENGLISH_SUITE:
+                corpus, tasks = evaluation["english"], evaluation["english_tasks"]
+            else:
+                spec = self.config["languages"][suite]
+                corpus, tasks = spec["corpus"], spec.get("tasks", evaluation["tasks"])
+            data = self._evalset(corpus)
+            suite_specs[suite] = {"tasks": list(tasks), "data": data.digest}
+            suite_inputs[suite] = data.path
+        subject = {**subject, "model_digest": model.digest, "path": model.path}
+        recipe = {
+            "stage": "evaluate",
+            "model": model.digest,
+            "subject": subject,
+            "suites": suite_specs,
+            "params": {
+                "limit": evaluation["limit"],
+                "batch_size": evaluation["batch_size"],
+                "num_fewshot": evaluation["num_fewshot"],
+            },
+        }
+        artifact = self._add(
+            "evaluate", recipe, {"model": model.path, "suite": suite_inputs},
+            subject=model.path.removeprefix("results/"), suites="+".join(suites),
+        )
+        self.evaluations.append(artifact)
+        return artifact
+
+    def _build(self) -> None:
+        config = self.config
+        self.name = config["model"]["name"]
+        langs = sorted(config["languages"])
+        base, tokenizer = self._base()
+        if config["sft"]["source"] == "hf":
+            sft = self._hub_import(config["sft"]["hf"], f"{self.name}-sft")
+        else:
+            sft = self._sft(base, "sft")
+
+        def subject(kind: str, **extra: Any) -> dict[str, Any]:
+            fields = {"kind": kind, "model": self.name, "langs": [], "tokens": None, "method": None, "hparams": None}
+            return {**fields, **extra}
+
+        for model, kind in ((base, "base"), (sft, "sft")):
+            for suite in [*langs, ENGLISH_SUITE]:
+                self._evaluate(model, subject(kind), [suite])
+
+        variants = [v for entry in config["merges"] for v in merge_variants(entry)]
+        for tokens in sorted(config["budgets"]):
+            cts = {}
+            for lang in langs:
+                data = self._prepare(tokenizer, config["languages"][lang]["corpus"], tokens)
+                ct = cts[lang] = self._ct(base, data, lang, tokens)
+                self._evaluate(ct, subject("ct", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE])
+                if config["ct_sft"]["enabled"]:
+                    ctsft = self._sft(ct, "ctsft", lang=lang, tokens=tokens)
+                    self._evaluate(ctsft, subject("ctsft", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE])
+                for variant in variants:
+                    if variant.single:
+                        merged = self._merge(variant, base, {lang: ct}, sft, tokens)
+                        meta = subject("merge", langs=[lang], tokens=tokens, method=variant.method, hparams=variant.label)
+                        self._evaluate(merged, meta, [lang, ENGLISH_SUITE])
+            if len(langs) > 1:
+                for variant in variants:
+                    if variant.multilingual:
+                        merged = self._merge(variant, base, cts, sft, tokens)
+                        meta = subject("merge", langs=langs, tokens=tokens, method=variant.method, hparams=variant.label)
+                        self._evaluate(merged, meta, [*langs, ENGLISH_SUITE])
+
+    # -- what rule all asks for --------------------------------------------------------------
+
+    def targets(self) -> list[str]:
+        """The report; it depends on every evaluation, which depends on everything else."""
+        return list(REPORT_FILES.values())
+
+
+def _split_budget(total: int, mix: dict[str, float]) -> dict[str, int]:
+    """Share ``total`` tokens over a mix exactly: floor each share, the rest to the largest."""
+    names = sorted(mix)
+    weight_sum = sum(mix.values())
+    shares = {name: int(total * mix[name] / weight_sum) for name in names}
+    largest = max(names, key=lambda name: mix[name])
+    shares[largest] += total - sum(shares.values())
+    return {name: tokens for name, tokens in shares.items() if tokens > 0}
