@@ -76,7 +76,8 @@ def get_args(rule_name):
         parts = []
         for key, value in _artifact(rule_name, wildcards).inputs.items():
             if isinstance(value, dict):
-                parts += [f"--{key}", *(shlex.quote(f"{name}={path}") for name, path in value.items())]
+                for name, path in value.items():
+                    parts += [f"--{key}", shlex.quote(f"{name}={path}")]
             elif isinstance(value, list):
                 parts += [f"--{key}", *map(shlex.quote, value)]
             else:

@@ -42,7 +42,9 @@ def page(lang: str, body: str) -> str:
 
 
 def test_extract_paragraphs_keeps_id_elements_text_only() -> None:
-    html = page("en-US", """
+    html = page(
+        "en-US",
+        """
         <h1 id="hd_id1" dir="auto">Database   Functions</h1>
         <p class="paragraph">No id: ignored.</p>
         <p id="bm_id9">Wrong id prefix: ignored.</p>
@@ -57,7 +59,8 @@ def test_extract_paragraphs_keeps_id_elements_text_only() -> None:
         <p id="par_id6">Only <span class="switchinline"><span hidden="true" id="CALCx" class="CALC">
           Calc</span><span hidden="true" id="WRITERx" class="WRITER">Writer</span></span> case.</p>
         <p id="par_id7">Visible<span hidden="true">hidden words</span> end.</p>
-    """)
+    """,
+    )
     assert extract_paragraphs(html) == [
         ("hd_id1", "Database Functions"),
         ("par_id2", "Use SUM & AVERAGE here."),
@@ -124,21 +127,41 @@ def test_build_records_keeps_translated_long_unique_paragraphs(tmp_path: Path) -
     records, stats = build_records(basque, english)
     split = page_split("scalc/01/page.html")
     assert records == [
-        {"id": "scalc/01/page.html#par_id1", "page": "scalc/01/page.html", "topic": "scalc",
-         "split": split, "text": LONG_EU},
-        {"id": "scalc/01/page.html#par_id4", "page": "scalc/01/page.html", "topic": "scalc",
-         "split": split, "text": "Paragrafo luze bat, bi aldiz agertzen den itzulpenarekin."},
+        {
+            "id": "scalc/01/page.html#par_id1",
+            "page": "scalc/01/page.html",
+            "topic": "scalc",
+            "split": split,
+            "text": LONG_EU,
+        },
+        {
+            "id": "scalc/01/page.html#par_id4",
+            "page": "scalc/01/page.html",
+            "topic": "scalc",
+            "split": split,
+            "text": "Paragrafo luze bat, bi aldiz agertzen den itzulpenarekin.",
+        },
         # The first copy of par_id6 equals an English copy of the same id: the second counts.
-        {"id": "scalc/01/page.html#par_id6", "page": "scalc/01/page.html", "topic": "scalc",
-         "split": split,
-         "text": "Txertatua: orri honetan bi aldiz agertzen den identifikatzailea."},
+        {
+            "id": "scalc/01/page.html#par_id6",
+            "page": "scalc/01/page.html",
+            "topic": "scalc",
+            "split": split,
+            "text": "Txertatua: orri honetan bi aldiz agertzen den identifikatzailea.",
+        },
     ]
     assert (stats.paragraphs, stats.untranslated, stats.no_english) == (8, 2, 1)
     assert (stats.short, stats.duplicate) == (1, 1)
 
     english_records, english_stats = build_records(english, None)
     assert [record["id"].split("#")[1] for record in english_records] == [
-        "par_id1", "par_id2", "par_id3", "par_id4", "par_id5", "par_id6"]
+        "par_id1",
+        "par_id2",
+        "par_id3",
+        "par_id4",
+        "par_id5",
+        "par_id6",
+    ]
     assert english_stats.short == 1 and english_stats.untranslated == 0
 
 
@@ -154,9 +177,16 @@ def make_deb(root: Path, out_dir: Path, package: str, version: str, help_dir: st
         "Maintainer: Test <test@example.org>\nDescription: synthetic help\n"
     )
     subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree),
-         str(out_dir / f"{package}_{version}_all.deb")],
-        check=True, capture_output=True,
+        [
+            "dpkg-deb",
+            "--root-owner-group",
+            "-Zgzip",
+            "--build",
+            str(tree),
+            str(out_dir / f"{package}_{version}_all.deb"),
+        ],
+        check=True,
+        capture_output=True,
     )
 
 
@@ -168,12 +198,27 @@ def test_cli_builds_reproducible_corpus_from_debs(tmp_path: Path) -> None:
     make_deb(tmp_path, debs, "libreoffice-help-en-us", "1:1.0-1", "en-US")
     make_deb(tmp_path, debs, "libreoffice-help-eu", "1:1.0-1", "eu")
     out = tmp_path / "out"
-    args = ["--out", str(out), "--debs", str(debs), "--version", "1:1.0-1", "--langs", "en,eu",
-            "--workdir", str(tmp_path / "work")]
+    args = [
+        "--out",
+        str(out),
+        "--debs",
+        str(debs),
+        "--version",
+        "1:1.0-1",
+        "--langs",
+        "en,eu",
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     main(args)
 
     assert sorted(p.name for p in out.iterdir()) == [
-        "NOTICE", "en.jsonl.gz", "eu.jsonl.gz", "manifest.json", "recipe.json"]
+        "NOTICE",
+        "en.jsonl.gz",
+        "eu.jsonl.gz",
+        "manifest.json",
+        "recipe.json",
+    ]
     raw = (out / "eu.jsonl.gz").read_bytes()
     assert raw[4:8] == b"\0\0\0\0"  # gzip mtime 0
     lines = [json.loads(line) for line in gzip.decompress(raw).decode().splitlines()]
@@ -243,7 +288,7 @@ def test_committed_targets_are_translations(committed: dict[str, list[dict]]) ->
         assert len(shared) > 0.5 * len(committed[lang])
         assert all(record["text"] != english[record["id"]] for record in shared)
         # Almost no target paragraph is an English paragraph from elsewhere either.
-        assert sum(record["text"] in english_texts for record in committed[lang]) < 20
+        assert not any(record["text"] in english_texts for record in committed[lang])
 
 
 def test_committed_sizes_are_plausible(committed: dict[str, list[dict]]) -> None:

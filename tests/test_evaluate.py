@@ -241,3 +241,32 @@ def test_cli_rejects_unknown_registry_task(tiny_model, suites, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "suite en: task 'no_such_task_xyz'" in proc.stderr
     assert list(out.parent.iterdir()) == []  # no score, no scratch left behind
+
+
+def test_collect_results_flattens_groups_tags_and_filters():
+    # The shape simple_evaluate returns, for a group with aggregate metrics and a tag.
+    raw = {
+        "results": {
+            "lrm_topic_eu": {"alias": "lrm_topic_eu", "name": "x", "sample_len": 7,
+                             "acc,none": 0.5, "acc_stderr,none": 0.1},
+            "grp": {"alias": "grp", "acc,none": 0.25, "acc_stderr,none": "N/A"},
+            "grp_a": {"alias": " - grp_a", "acc,none": 0.25, "acc_stderr,none": 0.05},
+            "tagged_1": {"alias": "tagged_1", "exact_match,strict-match": 0.75,
+                         "exact_match_stderr,strict-match": 0.2},
+        },
+        "group_subtasks": {"grp": ["grp_a"]},
+        "n-samples": {"lrm_topic_eu": {"original": 9, "effective": 7},
+                      "grp_a": {"original": 4, "effective": 4},
+                      "tagged_1": {"original": 3, "effective": 3}},
+    }
+    planned = [ev.PlannedTask("eu", "lrm_topic_eu", "topic", Path("t.jsonl")),
+               ev.PlannedTask("eu", "grp", "grp"), ev.PlannedTask("en", "tag", "tag")]
+    rows, n_samples = ev.collect_results(raw, planned, tags={"tag": ["tagged_1"]})
+    assert [(r["suite"], r["task"], r["kind"], r["metric"], r["value"], r["stderr"])
+            for r in rows] == [
+        ("eu", "lrm_topic_eu", "topic", "acc", 0.5, 0.1),
+        ("eu", "grp", "grp", "acc", 0.25, None),
+        ("eu", "grp_a", "grp", "acc", 0.25, 0.05),
+        ("en", "tagged_1", "tag", "exact_match,strict-match", 0.75, 0.2),
+    ]
+    assert n_samples == {"lrm_topic_eu": 7, "grp_a": 4, "tagged_1": 3}

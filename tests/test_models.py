@@ -68,7 +68,7 @@ def test_tokenizer_round_trips_and_declares_special_tokens(tokenizer_dir):
     assert len(tok) == 300
     assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == (
         "<unk>",
-        "<s>",
+        "</s>",
         "</s>",
         "<pad>",
     )

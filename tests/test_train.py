@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, set_seed
 
 from workflow import models, train
 from workflow.artifacts import read_json
@@ -21,10 +21,23 @@ WORDS = {
     "swriter": "page paragraph style font text heading footnote margin".split(),
     "sdraw": "shape line curve arrow fill gradient object layer".split(),
 }
-ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
-        "max_position_embeddings": 64, "tie_embeddings": False}
-TRAIN = {"lr": 1e-2, "min_lr": 1e-3, "warmup_ratio": 0.1, "batch_size": 8, "seq_len": SEQ_LEN,
-         "weight_decay": 0.0, "seed": 0}
+ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "max_position_embeddings": 64,
+    "tie_embeddings": False,
+}
+TRAIN = {
+    "lr": 1e-2,
+    "min_lr": 1e-3,
+    "warmup_ratio": 0.1,
+    "batch_size": 8,
+    "seq_len": SEQ_LEN,
+    "weight_decay": 0.0,
+    "seed": 0,
+}
 
 
 def write_corpus(path: Path, seed: int, lines: int, prefix: str = "") -> Path:
@@ -73,8 +86,19 @@ def chain(tmp_path_factory) -> dict:
     es = write_corpus(root / "es.jsonl", 2, 90, prefix="la hoja: ")
     tok_dir = root / "tokenizer"
     tok_recipe = recipe("tokenizer", vocab_size=300, mix={"en": 1.0, "es": 1.0}, max_chars=50_000)
-    models.main(["tokenizer", "--recipe", json.dumps(tok_recipe), "--corpus", f"en={en}",
-                 "--corpus", f"es={es}", "--out", str(tok_dir)])
+    models.main(
+        [
+            "tokenizer",
+            "--recipe",
+            json.dumps(tok_recipe),
+            "--corpus",
+            f"en={en}",
+            "--corpus",
+            f"es={es}",
+            "--out",
+            str(tok_dir),
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     # Budgets not divisible by seq_len (nor by seq_len - 1): the last block is partial.
     en_a = write_tokens(root / "tok-en-a", en, tokenizer, 1001)
@@ -83,19 +107,68 @@ def chain(tmp_path_factory) -> dict:
 
     pre = root / "pretrain"
     pre_recipe = recipe("pretrain", architecture=ARCH, train={**TRAIN, "epochs": 3})
-    train.main(["pretrain", "--recipe", json.dumps(pre_recipe), "--tokenizer", str(tok_dir),
-                "--data", str(en_a), str(en_b), "--out", str(pre), "--threads", "2"])
+    train.main(
+        [
+            "pretrain",
+            "--recipe",
+            json.dumps(pre_recipe),
+            "--tokenizer",
+            str(tok_dir),
+            "--data",
+            str(en_a),
+            str(en_b),
+            "--out",
+            str(pre),
+            "--threads",
+            "2",
+        ]
+    )
     ct = root / "ct"
     ct_recipe = recipe("ct", train={**TRAIN, "epochs": 3, "grad_accum": 2})
-    train.main(["ct", "--recipe", json.dumps(ct_recipe), "--model", str(pre),
-                "--data", str(es_tok), "--out", str(ct), "--threads", "2"])
+    train.main(
+        [
+            "ct",
+            "--recipe",
+            json.dumps(ct_recipe),
+            "--model",
+            str(pre),
+            "--data",
+            str(es_tok),
+            "--out",
+            str(ct),
+            "--threads",
+            "2",
+        ]
+    )
     sft = root / "sft"
     sft_recipe = recipe("sft", examples=60, train={**TRAIN, "lr": 5e-3, "epochs": 2})
-    train.main(["sft", "--recipe", json.dumps(sft_recipe), "--model", str(ct),
-                "--corpus", str(en), "--out", str(sft), "--threads", "2"])
-    return {"root": root, "tokenizer": tokenizer, "tok_dir": tok_dir, "en": en,
-            "en_tokens": [en_a, en_b], "es_tokens": es_tok, "pretrain": pre, "ct": ct, "sft": sft,
-            "recipes": {"pretrain": pre_recipe, "ct": ct_recipe, "sft": sft_recipe}}
+    train.main(
+        [
+            "sft",
+            "--recipe",
+            json.dumps(sft_recipe),
+            "--model",
+            str(ct),
+            "--corpus",
+            str(en),
+            "--out",
+            str(sft),
+            "--threads",
+            "2",
+        ]
+    )
+    return {
+        "root": root,
+        "tokenizer": tokenizer,
+        "tok_dir": tok_dir,
+        "en": en,
+        "en_tokens": [en_a, en_b],
+        "es_tokens": es_tok,
+        "pretrain": pre,
+        "ct": ct,
+        "sft": sft,
+        "recipes": {"pretrain": pre_recipe, "ct": ct_recipe, "sft": sft_recipe},
+    }
 
 
 def initial_model_dir(chain) -> Path:
@@ -103,9 +176,6 @@ def initial_model_dir(chain) -> Path:
     out = chain["root"] / "init"
     if not out.exists():
         tokenizer = chain["tokenizer"]
-        torch.manual_seed(0)
-        from transformers import LlamaForCausalLM, set_seed
-
         set_seed(TRAIN["seed"])
         LlamaForCausalLM(models.scratch_config(ARCH, tokenizer)).save_pretrained(out)
     return out
@@ -120,13 +190,26 @@ def test_outputs_are_complete_artifacts(chain):
     for stage in ("pretrain", "ct", "sft"):
         out = chain[stage]
         names = {p.name for p in out.iterdir()}
-        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "recipe.json", "metrics.json"} <= names
+        assert {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "recipe.json",
+            "metrics.json",
+        } <= names
         assert not any(name.endswith((".bin", ".pt")) or name.startswith("_") for name in names)
         assert read_json(out / "recipe.json")["recipe"] == chain["recipes"][stage]
         metrics = read_json(out / "metrics.json")
-        assert {"tokens_budget", "tokens_trained", "steps", "wall_s", "tokens_per_s",
-                "final_loss", "peak_rss_mb"} <= set(metrics)
+        assert {
+            "tokens_budget",
+            "tokens_trained",
+            "steps",
+            "wall_s",
+            "tokens_per_s",
+            "final_loss",
+            "peak_rss_mb",
+        } <= set(metrics)
         assert np.isfinite(metrics["final_loss"]) and metrics["peak_rss_mb"] > 0
         tok = AutoTokenizer.from_pretrained(out)
         assert tok("cell sheet")["input_ids"] == chain["tokenizer"]("cell sheet")["input_ids"]
@@ -209,8 +292,10 @@ def test_sft_example_masks_prompt_and_keeps_answer(chain):
 def test_sft_selection_is_balanced_and_deterministic():
     records = [{"text": f"t{i}", "split": "train", "topic": "scalc"} for i in range(50)]
     records += [{"text": f"w{i}", "split": "train", "topic": "swriter"} for i in range(3)]
-    records += [{"text": "held out", "split": "test", "topic": "sdraw"},
-                {"text": "no topic", "split": "train", "topic": None}]
+    records += [
+        {"text": "held out", "split": "test", "topic": "sdraw"},
+        {"text": "no topic", "split": "train", "topic": None},
+    ]
     chosen = train.select_sft_records(records, 20, seed=7)
     assert [r["topic"] for r in chosen].count("swriter") == 3  # all it has
     assert [r["topic"] for r in chosen].count("scalc") == 17
@@ -235,7 +320,17 @@ def test_token_ids_outside_vocab_are_rejected(chain, tmp_path):
     bad.mkdir()
     np.save(bad / "tokens.npy", np.asarray([1, 2, 5000], dtype=np.int32))
     with pytest.raises(SystemExit, match="5000"):
-        train.main(["ct", "--recipe", json.dumps(recipe("ct", train=TRAIN)),
-                    "--model", str(chain["pretrain"]), "--data", str(bad),
-                    "--out", str(tmp_path / "out")])
+        train.main(
+            [
+                "ct",
+                "--recipe",
+                json.dumps(recipe("ct", train=TRAIN)),
+                "--model",
+                str(chain["pretrain"]),
+                "--data",
+                str(bad),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     assert not (tmp_path / "out").exists()

@@ -290,8 +290,13 @@ def build_records(
                 rejected.pop(para_id, None)
                 seen_texts.add(text)
                 records.append(
-                    {"id": f"{page}#{para_id}", "page": page, "topic": topic, "split": split,
-                     "text": text}
+                    {
+                        "id": f"{page}#{para_id}",
+                        "page": page,
+                        "topic": topic,
+                        "split": split,
+                        "text": text,
+                    }
                 )
         for reason in rejected.values():
             setattr(stats, reason, getattr(stats, reason) + 1)
@@ -361,7 +366,8 @@ def find_deb(directory: Path, lang: str, version: str) -> Path:
     """The one .deb of ``lang``'s help package at ``version`` in ``directory``."""
     package = PACKAGES[lang][0]
     candidates = [
-        path for path in sorted(directory.glob(f"{package}_*.deb"))
+        path
+        for path in sorted(directory.glob(f"{package}_*.deb"))
         if deb_fields(path) == {"Package": package, "Version": version}
     ]
     if len(candidates) != 1:
@@ -412,8 +418,12 @@ def build(
         pages[lang] = read_pages(text_root)
         log.info("%s: %d pages", lang, len(pages[lang]))
 
-    params = {"min_chars": MIN_CHARS, "test_fraction": TEST_FRACTION, "langs": list(langs),
-              "debian_version": version}
+    params = {
+        "min_chars": MIN_CHARS,
+        "test_fraction": TEST_FRACTION,
+        "langs": list(langs),
+        "debian_version": version,
+    }
     manifest: dict[str, Any] = {"params": params, "languages": {}}
     recipe = {"stage": STAGE, "version": VERSION, "params": params, "inputs": {}}
     with atomic_dir(out) as tmp:
@@ -457,8 +467,12 @@ def build(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--workdir", type=Path, help="scratch for .debs and unpacked files "
-                        "(default: a temporary directory, removed afterwards)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="scratch for .debs and unpacked files "
+        "(default: a temporary directory, removed afterwards)",
+    )
     parser.add_argument("--debs", type=Path, help="directory of already downloaded .debs")
     parser.add_argument("--version", default=DEBIAN_VERSION, help="Debian package version")
     parser.add_argument("--langs", default=",".join(LANGS), help="comma-separated, with 'en'")

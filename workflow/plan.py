@@ -357,6 +357,7 @@ class Plan:
                 "limit": evaluation["limit"],
                 "batch_size": evaluation["batch_size"],
                 "num_fewshot": evaluation["num_fewshot"],
+                "max_length": None,
             },
         }
         artifact = self._add(

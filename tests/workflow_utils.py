@@ -1,0 +1,67 @@
+"""Run the real Snakemake workflow in a temporary directory and read its job lists."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = PROJECT / "tests" / "configs" / "tiny.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def tiny_config() -> dict[str, Any]:
+    return yaml.safe_load(TINY_CONFIG.read_text())
+
+
+def snakemake(workdir: Path, config: dict[str, Any], *args: str, check: bool = True,
+              timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run Snakemake on ``config`` (written into ``workdir``) with the project's Snakefile."""
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [*SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(config_path), "--cores", "2", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+_JOB = re.compile(r"^(?:local)?rule (\w+):\s*$")
+_OUTPUT = re.compile(r"^\s+output: (.+)$")
+
+
+def planned_jobs(workdir: Path, config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(rule, first output) of every job a dry run would execute, rule ``all`` excluded."""
+    result = snakemake(workdir, config, "--dry-run")
+    text = result.stdout + result.stderr
+    jobs: list[tuple[str, str]] = []
+    rule = None
+    for line in text.splitlines():
+        if match := _JOB.match(line):
+            rule = match.group(1)
+        elif rule and (match := _OUTPUT.match(line)):
+            jobs.append((rule, match.group(1).split(", ")[0]))
+            rule = None
+    if "Nothing to be done" not in text and not jobs:
+        raise AssertionError(f"could not read the dry run's job list:\n{text[-4000:]}")
+    return [job for job in jobs if job[0] != "all"]
+
+
+def with_changes(config: dict[str, Any], change) -> dict[str, Any]:
+    changed = copy.deepcopy(config)
+    change(changed)
+    return changed
