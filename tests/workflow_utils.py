@@ -21,16 +21,31 @@ def tiny_config() -> dict[str, Any]:
     return yaml.safe_load(TINY_CONFIG.read_text())
 
 
-def snakemake(workdir: Path, config: dict[str, Any], *args: str, check: bool = True,
-              timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, config: dict[str, Any], *args: str, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run Snakemake on ``config`` (written into ``workdir``) with the project's Snakefile."""
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
-        [*SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(config_path), "--cores", "2", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        [
+            *SNAKEMAKE,
+            "--snakefile",
+            str(PROJECT / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(config_path),
+            "--cores",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(

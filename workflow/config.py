@@ -131,8 +131,15 @@ def _check_cross_keys(config: dict[str, Any], workdir: Path) -> None:
 
 def _train_sections(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     sections = [("ct.train", config["ct"]["train"]), ("sft.train", config["sft"]["train"])]
+    for lang, spec in config["languages"].items():
+        if "ct_train" in spec:
+            sections.append(
+                (f"languages.{lang}.ct_train", {**config["ct"]["train"], **spec["ct_train"]})
+            )
     if config["model"]["source"] == "scratch":
-        sections.append(("model.scratch.pretrain.train", config["model"]["scratch"]["pretrain"]["train"]))
+        sections.append(
+            ("model.scratch.pretrain.train", config["model"]["scratch"]["pretrain"]["train"])
+        )
     return sections
 
 

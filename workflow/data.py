@@ -64,6 +64,7 @@ def prepare(recipe: dict[str, Any], corpus: Path, tokenizer_dir: Path, out: Path
     budget = int(params["tokens"])
     records = split_records(read_corpus(corpus, params["heldout_fraction"]), "train")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    tokenizer.model_max_length = sys.maxsize  # whole documents are tokenized, then packed
     tokens = cut_to_budget([r["text"] for r in records], tokenizer, budget, str(corpus))
     with atomic_dir(out) as tmp:
         np.save(tmp / "tokens.npy", tokens, allow_pickle=False)

@@ -167,7 +167,9 @@ class HashCache:
         if key not in self.entries:
             if path.is_dir():
                 parts = sorted(
-                    f"{p.relative_to(path)}:{self.sha256(p)}" for p in path.rglob("*") if p.is_file()
+                    f"{p.relative_to(path)}:{self.sha256(p)}"
+                    for p in path.rglob("*")
+                    if p.is_file()
                 )
                 self.entries[key] = digest_of({"directory": parts})
             else:
@@ -199,7 +201,9 @@ class Plan:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _add(self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any) -> Artifact:
+    def _add(
+        self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any
+    ) -> Artifact:
         stage = recipe["stage"]
         recipe = {"stage": stage, "version": STAGE_VERSIONS[stage], **recipe}
         digest = digest_of(recipe)
@@ -217,7 +221,11 @@ class Plan:
     def corpus_ref(self, name: str) -> tuple[dict[str, Any], Path]:
         spec = self.config["corpora"][name]
         path = resolve_path(spec["path"], self.workdir)
-        ref = {"name": name, "sha256": self.hashes.sha256(path), "heldout_fraction": spec["heldout_fraction"]}
+        ref = {
+            "name": name,
+            "sha256": self.hashes.sha256(path),
+            "heldout_fraction": spec["heldout_fraction"],
+        }
         return ref, path
 
     # -- stages ------------------------------------------------------------------------------
@@ -261,7 +269,12 @@ class Plan:
             base = self._hub_import(model["hf"], self.name)
             return base, base
         if model["source"] == "gguf":
-            base = self._add("import_gguf", {"stage": "import_gguf", "params": model["gguf"]}, {}, model=self.name)
+            base = self._add(
+                "import_gguf",
+                {"stage": "import_gguf", "params": model["gguf"]},
+                {},
+                model=self.name,
+            )
             return base, base
         scratch = model["scratch"]
         tok_spec = scratch["tokenizer"]
@@ -270,7 +283,10 @@ class Plan:
             "tokenizer",
             {
                 "stage": "tokenizer",
-                "params": {**tok_spec, "model_max_length": scratch["architecture"]["max_position_embeddings"]},
+                "params": {
+                    **tok_spec,
+                    "model_max_length": scratch["architecture"]["max_position_embeddings"],
+                },
                 "corpora": {name: ref for name, (ref, _) in tok_corpora.items()},
             },
             {"corpus": {name: str(path) for name, (_, path) in tok_corpora.items()}},
@@ -302,23 +318,43 @@ class Plan:
             "model": model.digest,
             "corpus": ref,
         }
-        artifact = self._add(rule, recipe, {"model": model.path, "corpus": str(path)}, model=self.name, **wildcards)
+        artifact = self._add(
+            rule, recipe, {"model": model.path, "corpus": str(path)}, model=self.name, **wildcards
+        )
         self.trained.append(artifact)
         return artifact
 
     def _ct(self, base: Artifact, data: Artifact, lang: str, tokens: int) -> Artifact:
+        train = {**self.config["ct"]["train"], **self.config["languages"][lang].get("ct_train", {})}
         recipe = {
             "stage": "ct",
-            "params": {"train": self.config["ct"]["train"]},
+            "params": {"train": train},
             "model": base.digest,
             "data": data.digest,
         }
-        artifact = self._add("ct", recipe, {"model": base.path, "data": data.path}, model=self.name, lang=lang, tokens=tokens)
+        artifact = self._add(
+            "ct",
+            recipe,
+            {"model": base.path, "data": data.path},
+            model=self.name,
+            lang=lang,
+            tokens=tokens,
+        )
         self.trained.append(artifact)
         return artifact
 
-    def _merge(self, variant: MergeVariant, base: Artifact, cts: dict[str, Artifact], sft: Artifact, tokens: int) -> Artifact:
-        members = [({"role": "ct", "lang": lang, **variant.roles["ct"]}, ct) for lang, ct in sorted(cts.items())]
+    def _merge(
+        self,
+        variant: MergeVariant,
+        base: Artifact,
+        cts: dict[str, Artifact],
+        sft: Artifact,
+        tokens: int,
+    ) -> Artifact:
+        members = [
+            ({"role": "ct", "lang": lang, **variant.roles["ct"]}, ct)
+            for lang, ct in sorted(cts.items())
+        ]
         members.append(({"role": "sft", **variant.roles["sft"]}, sft))
         recipe = {
             "stage": "merge",
@@ -329,9 +365,14 @@ class Plan:
         }
         inputs = {"base": base.path, "models": [artifact.path for _, artifact in members]}
         return self._add(
-            "merge", recipe, inputs,
-            model=self.name, langs="+".join(sorted(cts)), tokens=tokens,
-            method=variant.method, hparams=variant.label,
+            "merge",
+            recipe,
+            inputs,
+            model=self.name,
+            langs="+".join(sorted(cts)),
+            tokens=tokens,
+            method=variant.method,
+            hparams=variant.label,
         )
 
     def _evaluate(self, model: Artifact, subject: dict[str, Any], suites: list[str]) -> Artifact:
@@ -361,8 +402,11 @@ class Plan:
             },
         }
         artifact = self._add(
-            "evaluate", recipe, {"model": model.path, "suite": suite_inputs},
-            subject=model.path.removeprefix("results/"), suites="+".join(suites),
+            "evaluate",
+            recipe,
+            {"model": model.path, "suite": suite_inputs},
+            subject=model.path.removeprefix("results/"),
+            suites="+".join(suites),
         )
         self.evaluations.append(artifact)
         return artifact
@@ -378,7 +422,14 @@ class Plan:
             sft = self._sft(base, "sft")
 
         def subject(kind: str, **extra: Any) -> dict[str, Any]:
-            fields = {"kind": kind, "model": self.name, "langs": [], "tokens": None, "method": None, "hparams": None}
+            fields = {
+                "kind": kind,
+                "model": self.name,
+                "langs": [],
+                "tokens": None,
+                "method": None,
+                "hparams": None,
+            }
             return {**fields, **extra}
 
         for model, kind in ((base, "base"), (sft, "sft")):
@@ -391,20 +442,36 @@ class Plan:
             for lang in langs:
                 data = self._prepare(tokenizer, config["languages"][lang]["corpus"], tokens)
                 ct = cts[lang] = self._ct(base, data, lang, tokens)
-                self._evaluate(ct, subject("ct", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE])
+                self._evaluate(
+                    ct, subject("ct", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE]
+                )
                 if config["ct_sft"]["enabled"]:
                     ctsft = self._sft(ct, "ctsft", lang=lang, tokens=tokens)
-                    self._evaluate(ctsft, subject("ctsft", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE])
+                    self._evaluate(
+                        ctsft, subject("ctsft", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE]
+                    )
                 for variant in variants:
                     if variant.single:
                         merged = self._merge(variant, base, {lang: ct}, sft, tokens)
-                        meta = subject("merge", langs=[lang], tokens=tokens, method=variant.method, hparams=variant.label)
+                        meta = subject(
+                            "merge",
+                            langs=[lang],
+                            tokens=tokens,
+                            method=variant.method,
+                            hparams=variant.label,
+                        )
                         self._evaluate(merged, meta, [lang, ENGLISH_SUITE])
             if len(langs) > 1:
                 for variant in variants:
                     if variant.multilingual:
                         merged = self._merge(variant, base, cts, sft, tokens)
-                        meta = subject("merge", langs=langs, tokens=tokens, method=variant.method, hparams=variant.label)
+                        meta = subject(
+                            "merge",
+                            langs=langs,
+                            tokens=tokens,
+                            method=variant.method,
+                            hparams=variant.label,
+                        )
                         self._evaluate(merged, meta, [*langs, ENGLISH_SUITE])
 
     # -- what rule all asks for --------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""The plan: readable paths with recipe digests, and digests that change exactly downstream."""
+
+from __future__ import annotations
+
+from workflow_utils import PROJECT, tiny_config, with_changes
+
+from workflow.config import validate_config
+from workflow.plan import PATTERNS, Plan, _split_budget, merge_variants
+
+
+def plan_of(config, tmp_path) -> Plan:
+    return Plan(validate_config(config, PROJECT), workdir=tmp_path)
+
+
+def paths_by_rule(plan: Plan) -> dict[str, set[str]]:
+    result: dict[str, set[str]] = {}
+    for (rule, _), artifact in plan.by_key.items():
+        result.setdefault(rule, set()).add(artifact.path)
+    return result
+
+
+def test_paths_carry_readable_wildcards_and_the_digest(tmp_path):
+    plan = plan_of(tiny_config(), tmp_path)
+    for (rule, digest), artifact in plan.by_key.items():
+        assert digest in artifact.path.split("/"), artifact.path
+        assert artifact.path.startswith(PATTERNS[rule].split("{")[0])
+    cts = paths_by_rule(plan)["ct"]
+    assert {p.split("/")[3] for p in cts} == {"eu", "gl"} and all("/2000/" in p for p in cts)
+
+
+def test_same_config_gives_same_plan_and_a_change_moves_only_downstream(tmp_path):
+    before = paths_by_rule(plan_of(tiny_config(), tmp_path))
+    assert before == paths_by_rule(plan_of(tiny_config(), tmp_path))
+    after = paths_by_rule(
+        plan_of(with_changes(tiny_config(), lambda c: c["sft"].update(examples=50)), tmp_path)
+    )
+    for rule in ("tokenizer", "prepare", "evalset", "pretrain", "ct"):
+        assert before[rule] == after[rule], rule
+    for rule in ("sft", "ctsft", "merge"):
+        assert before[rule].isdisjoint(after[rule]), rule
+
+
+def test_merge_grid_expands_lists_into_labelled_variants():
+    entry = {
+        "method": "ties",
+        "lambda": [0.5, 1.0],
+        "single": True,
+        "multilingual": False,
+        "models": {
+            "ct": {"weight": 1.0, "density": [0.3, 0.6]},
+            "sft": {"weight": 1.0, "density": 0.5},
+        },
+    }
+    variants = merge_variants(entry)
+    assert len(variants) == 4
+    assert len({v.label for v in variants}) == 4
+    assert {v.params["lambda"] for v in variants} == {0.5, 1.0}
+    assert {v.roles["ct"]["density"] for v in variants} == {0.3, 0.6}
+    assert variants[0].params["normalize"] is True  # mergekit's default is filled in
+
+
+def test_budget_split_is_exact():
+    assert _split_budget(1000, {"en": 0.9, "es": 0.1}) == {"en": 900, "es": 100}
+    assert sum(_split_budget(1001, {"a": 1, "b": 1, "c": 1}).values()) == 1001
+
+
+def test_external_files_are_hashed_once(tmp_path):
+    plan_of(tiny_config(), tmp_path)
+    cache = tmp_path / ".cache" / "lrmerge" / "file-hashes.json"
+    assert cache.is_file()
+    mtime = cache.stat().st_mtime_ns
+    plan_of(tiny_config(), tmp_path)
+    assert cache.stat().st_mtime_ns == mtime  # nothing new to hash, nothing rewritten

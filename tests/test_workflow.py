@@ -1,0 +1,149 @@
+"""The whole workflow, run for real by Snakemake on the tiny config, and its incremental reruns.
+
+One module-scoped run builds everything; the change tests then ask Snakemake (dry run) which
+jobs a changed config would execute and compare against the minimal set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from workflow_utils import planned_jobs, snakemake, tiny_config, with_changes
+
+from workflow.artifacts import digest_of, read_json
+
+MODEL_KINDS = ("base", "sft", "ct", "ctsft", "merge")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = tiny_config()
+    snakemake(workdir, config)
+    return workdir, config
+
+
+def test_whole_dag_runs_and_writes_the_report(built):
+    workdir, config = built
+    report = workdir / "results" / "report"
+    for name in ("scores.csv", "table.md", "budget_curves.png", "bpb_vs_acc.png"):
+        assert (report / name).stat().st_size > 0, name
+    scores = pd.read_csv(report / "scores.csv")
+    assert set(scores["kind"]) == set(MODEL_KINDS)
+    assert scores["value"].map(math.isfinite).all()
+    # every target language has topic accuracy and bits per byte for every model kind
+    for lang in config["languages"]:
+        rows = scores[scores["suite"] == lang]
+        assert set(rows["metric"]) >= {"acc", "bits_per_byte"}
+        assert set(rows["kind"]) == set(MODEL_KINDS)
+    table = (report / "table.md").read_text()
+    assert "CT-then-SFT" in table and "ties" in table and "eu@2k" in table
+
+
+def test_every_artifact_is_content_addressed(built):
+    workdir, _ = built
+    results = workdir / "results"
+    recipes = list(results.rglob("recipe.json"))
+    assert len(recipes) >= 20
+    for recipe_file in recipes:
+        stored = read_json(recipe_file)
+        assert recipe_file.parent.name == stored["digest"] == digest_of(stored["recipe"])
+    for score_file in (results / "eval").rglob("scores.json"):
+        stored = json.loads(score_file.read_text())
+        assert score_file.parent.name == digest_of(stored["recipe"])
+    assert not [p for p in results.rglob("*") if ".tmp-" in p.name], "temporary leftovers"
+
+
+def test_merged_models_load_with_transformers(built):
+    from transformers import AutoModelForCausalLM
+
+    workdir, _ = built
+    merged = sorted((workdir / "results" / "merge").rglob("model.safetensors"))
+    assert merged
+    model = AutoModelForCausalLM.from_pretrained(merged[0].parent, trust_remote_code=False)
+    assert all(param.isfinite().all() for param in model.parameters())
+    assert not list((workdir / "results").rglob("*.bin")), "pickle weights written"
+
+
+def test_a_rerun_runs_nothing(built):
+    workdir, config = built
+    assert planned_jobs(workdir, config) == []
+
+
+def test_changing_one_merge_hyperparameter_reruns_that_merge_its_evaluations_and_the_report(built):
+    workdir, config = built
+    changed = with_changes(config, lambda c: c["merges"][1]["models"]["ct"].update(density=0.7))
+    jobs = planned_jobs(workdir, changed)
+    assert Counter(rule for rule, _ in jobs) == {"merge": 3, "evaluate": 3, "report": 1}
+    for rule, output in jobs:
+        if rule != "report":
+            assert "/ties/" in output and "ct.density0.7" in output, output
+
+
+def _languages_of(output: str) -> set[str]:
+    parts = output.split("/")
+    return {lang for part in parts for lang in part.split("+") if lang in ("eu", "gl", "ca", "en")}
+
+
+def test_adding_a_language_runs_only_that_languages_jobs_and_the_report(built):
+    workdir, config = built
+    changed = with_changes(config, lambda c: c["languages"].update(ca={"corpus": "ca"}))
+    jobs = planned_jobs(workdir, changed)
+    assert Counter(rule for rule, _ in jobs) == {
+        "prepare": 1,
+        "evalset": 1,
+        "ct": 1,
+        "ctsft": 1,
+        "merge": 4,  # ca with each of 2 methods, and the 2 multilingual merges now with ca
+        "evaluate": 8,  # base and SFT on ca, then CT, CT-then-SFT and the 4 merges
+        "report": 1,
+    }
+    for rule, output in jobs:
+        if rule != "report":
+            assert "ca" in _languages_of(output), output
+
+
+def test_changing_a_ct_learning_rate_reruns_that_ct_chain_only(built):
+    workdir, config = built
+    changed = with_changes(config, lambda c: c["languages"]["eu"].update(ct_train={"lr": 2e-3}))
+    jobs = planned_jobs(workdir, changed)
+    # eu's CT, its CT-then-SFT, its 2 merges and the 2 multilingual merges, their evaluations
+    assert Counter(rule for rule, _ in jobs) == {
+        "ct": 1,
+        "ctsft": 1,
+        "merge": 4,
+        "evaluate": 6,
+        "report": 1,
+    }
+    for rule, output in jobs:
+        if rule != "report":
+            assert "eu" in _languages_of(output), output
+
+
+def test_changing_the_shared_ct_settings_leaves_upstream_stages_alone(built):
+    workdir, config = built
+    changed = with_changes(config, lambda c: c["ct"]["train"].update(lr=2e-3))
+    rules = Counter(rule for rule, _ in planned_jobs(workdir, changed))
+    assert rules == {"ct": 2, "ctsft": 2, "merge": 6, "evaluate": 10, "report": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda c: c["merges"][0].update(lamda=1.0), "merges[0].lamda"),
+        (lambda c: c.update(budgets=[-5]), "budgets[0]"),
+        (lambda c: c["languages"]["eu"].update(corpus="basque"), "languages.eu.corpus"),
+        (lambda c: c["merges"][1].update(method="tiess"), "merges[1]"),
+    ],
+)
+def test_an_invalid_config_fails_before_any_job_naming_the_key(tmp_path, change, key):
+    result = snakemake(tmp_path, with_changes(tiny_config(), change), check=False)
+    assert result.returncode != 0
+    assert key in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "logs").exists()
