@@ -4,9 +4,8 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-
-configfile: "config.yaml"
-
+# The config: config.yaml, unless --configfile names others (which then replace it rather than
+# merge into it); --config KEY=VALUE overrides either. Loaded and validated in common.smk.
 
 include: "rules/common.smk"
 include: "rules/data.smk"

@@ -3,7 +3,9 @@ import os
 import shlex
 import sys
 
+from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import update_config
 
 sys.path.insert(0, workflow.basedir)
 
@@ -24,6 +26,15 @@ os.environ.setdefault("HF_HOME", os.path.abspath(".cache/huggingface"))
 os.environ.setdefault("XDG_CACHE_HOME", os.path.abspath(".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+DEFAULT_CONFIG = "config.yaml"
+if not workflow.overwrite_configfiles:
+    # No --configfile: the default run, from the working directory or the project.
+    _default = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else os.path.join(workflow.basedir, DEFAULT_CONFIG)
+    _overrides = dict(config)
+    config.clear()
+    config.update(load_configfile(_default))
+    update_config(config, _overrides)
 
 try:
     _validated = validate_config(config, workdir=os.getcwd())

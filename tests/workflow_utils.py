@@ -56,24 +56,33 @@ def snakemake(
 
 
 _JOB = re.compile(r"^(?:local)?rule (\w+):\s*$")
-_OUTPUT = re.compile(r"^\s+output: (.+)$")
+_FIELD = re.compile(r"^\s+(output|resources): (.+)$")
+
+
+def planned_job_details(
+    workdir: Path, config: dict[str, Any], *args: str
+) -> list[dict[str, Any]]:
+    """Every job a dry run would execute (rule ``all`` excluded): rule, output, resources."""
+    result = snakemake(workdir, config, "--dry-run", *args)
+    text = result.stdout + result.stderr
+    jobs: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if match := _JOB.match(line):
+            jobs.append({"rule": match.group(1), "output": None, "resources": {}})
+        elif jobs and (match := _FIELD.match(line)):
+            if match.group(1) == "output":
+                jobs[-1]["output"] = match.group(2).split(", ")[0]
+            else:
+                pairs = (item.split("=", 1) for item in match.group(2).split(", "))
+                jobs[-1]["resources"] = {key: value for key, value in pairs}
+    if "Nothing to be done" not in text and not jobs:
+        raise AssertionError(f"could not read the dry run's job list:\n{text[-4000:]}")
+    return [job for job in jobs if job["rule"] != "all"]
 
 
 def planned_jobs(workdir: Path, config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(rule, first output) of every job a dry run would execute, rule ``all`` excluded."""
-    result = snakemake(workdir, config, "--dry-run")
-    text = result.stdout + result.stderr
-    jobs: list[tuple[str, str]] = []
-    rule = None
-    for line in text.splitlines():
-        if match := _JOB.match(line):
-            rule = match.group(1)
-        elif rule and (match := _OUTPUT.match(line)):
-            jobs.append((rule, match.group(1).split(", ")[0]))
-            rule = None
-    if "Nothing to be done" not in text and not jobs:
-        raise AssertionError(f"could not read the dry run's job list:\n{text[-4000:]}")
-    return [job for job in jobs if job[0] != "all"]
+    """(rule, first output) of every job a dry run would execute."""
+    return [(job["rule"], job["output"]) for job in planned_job_details(workdir, config)]
 
 
 def with_changes(config: dict[str, Any], change) -> dict[str, Any]:

@@ -91,9 +91,25 @@ def _check_cross_keys(config: dict[str, Any], workdir: Path) -> None:
         path = resolve_path(corpus["path"], workdir)
         if not path.is_file():
             raise ConfigError(f"config key 'corpora.{name}.path': file not found: {path}")
+    from workflow.plan import ENGLISH_SUITE, language_budgets, released_ct, suite_corpus_and_tasks
+
     for lang, spec in config["languages"].items():
-        need_corpus(spec["corpus"], f"languages.{lang}.corpus")
-    need_corpus(config["evaluation"]["english"], "evaluation.english")
+        if "corpus" in spec:
+            need_corpus(spec["corpus"], f"languages.{lang}.corpus")
+            continue
+        trained = [t for t in language_budgets(config, lang) if not released_ct(config, lang, t)]
+        if trained:
+            raise ConfigError(
+                f"config key 'languages.{lang}.corpus': needed to train CT at budget "
+                f"{trained[0]} (or give a released_ct entry with that many tokens)"
+            )
+    for suite in [*config["languages"], ENGLISH_SUITE]:
+        corpus, tasks = suite_corpus_and_tasks(config, suite)
+        if set(tasks) & set(OFFLINE_TASKS):
+            key = "evaluation.english" if suite == ENGLISH_SUITE else f"languages.{suite}.corpus"
+            if corpus is None:
+                raise ConfigError(f"config key '{key}': the topic and bpb tasks need a corpus")
+            need_corpus(corpus, key)
 
     model = config["model"]
     if model["source"] == "scratch":

@@ -184,15 +184,20 @@ def plan_tasks(recipe: dict[str, Any], suite_dirs: dict[str, Path]) -> list[Plan
     unknown = sorted(set(suite_dirs) - set(suites))
     if unknown:
         raise EvaluateError(f"--suite {unknown} not in the recipe's suites {sorted(suites)}")
-    missing = sorted(set(suites) - set(suite_dirs))
+    # Suites of lm-eval registry tasks only bring their own data.
+    needs_data = {s for s, spec in suites.items() if set(spec["tasks"]) & set(OFFLINE_TASKS)}
+    missing = sorted(needs_data - set(suite_dirs))
     if missing:
         raise EvaluateError(f"recipe suites {missing} have no --suite NAME=DIR argument")
     planned: list[PlannedTask] = []
     for suite, spec in suites.items():
-        directory = suite_dirs[suite]
-        if not directory.is_dir():
-            raise EvaluateError(f"suite {suite}: eval data directory {directory} does not exist")
-        _check_digest(directory, spec.get("data"), f"suite {suite}: eval data")
+        directory = suite_dirs.get(suite)
+        if directory is not None:
+            if not directory.is_dir():
+                raise EvaluateError(
+                    f"suite {suite}: eval data directory {directory} does not exist"
+                )
+            _check_digest(directory, spec.get("data"), f"suite {suite}: eval data")
         for task in spec["tasks"]:
             if task not in OFFLINE_TASKS:
                 planned.append(PlannedTask(suite, task, task))

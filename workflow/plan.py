@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workflow.artifacts import digest_of, sha256_file
-from workflow.config import resolve_path
+from workflow.config import OFFLINE_TASKS, resolve_path
 
 # Bump a stage's version when its code changes what it writes: every artifact of that stage
 # (and everything downstream) gets a new digest and is rebuilt; old ones stay usable.
@@ -67,6 +67,28 @@ WILDCARD_CONSTRAINTS = {
 MERGE_GLOBAL_KEYS = ("lambda", "normalize", "rescale", "slack", "t")
 MERGE_MODEL_KEYS = ("weight", "density", "epsilon", "gamma")
 ENGLISH_SUITE = "en"
+
+
+def suite_corpus_and_tasks(config: dict[str, Any], suite: str) -> tuple[str | None, list[str]]:
+    """The corpus whose held-out text a suite's offline tasks use, and the suite's tasks."""
+    evaluation = config["evaluation"]
+    if suite == ENGLISH_SUITE:
+        return evaluation["english"], evaluation["english_tasks"]
+    spec = config["languages"][suite]
+    return spec.get("corpus"), spec.get("tasks", evaluation["tasks"])
+
+
+def language_budgets(config: dict[str, Any], lang: str) -> list[int]:
+    spec = config["languages"][lang]
+    return sorted(spec.get("budgets", config["budgets"]))
+
+
+def released_ct(config: dict[str, Any], lang: str, tokens: int) -> dict[str, Any] | None:
+    """The released CT checkpoint a language uses at this budget, if any."""
+    for entry in config["languages"][lang].get("released_ct", []):
+        if entry["tokens"] == tokens:
+            return entry
+    return None
 
 
 @dataclass(frozen=True)
@@ -380,14 +402,12 @@ class Plan:
         suite_specs = {}
         suite_inputs = {}
         for suite in suites:
-            if suite == ENGLISH_SUITE:
-                corpus, tasks = evaluation["english"], evaluation["english_tasks"]
-            else:
-                spec = self.config["languages"][suite]
-                corpus, tasks = spec["corpus"], spec.get("tasks", evaluation["tasks"])
-            data = self._evalset(corpus)
-            suite_specs[suite] = {"tasks": list(tasks), "data": data.digest}
-            suite_inputs[suite] = data.path
+            corpus, tasks = suite_corpus_and_tasks(self.config, suite)
+            suite_specs[suite] = {"tasks": list(tasks), "data": None}
+            if set(tasks) & set(OFFLINE_TASKS):  # registry tasks bring their own data
+                data = self._evalset(corpus)
+                suite_specs[suite]["data"] = data.digest
+                suite_inputs[suite] = data.path
         subject = {**subject, "model_digest": model.digest, "path": model.path}
         recipe = {
             "stage": "evaluate",
@@ -411,68 +431,66 @@ class Plan:
         self.evaluations.append(artifact)
         return artifact
 
+    def _subject(self, kind: str, langs=(), tokens=None, variant=None) -> dict[str, Any]:
+        """Readable fields of an evaluated model, carried into its scores and the report."""
+        return {
+            "kind": kind,
+            "model": self.name,
+            "langs": sorted(langs),
+            "tokens": tokens,
+            "method": variant.method if variant else None,
+            "hparams": variant.label if variant else None,
+        }
+
     def _build(self) -> None:
         config = self.config
         self.name = config["model"]["name"]
         langs = sorted(config["languages"])
-        base, tokenizer = self._base()
+        self.base, self.tokenizer = self._base()
         if config["sft"]["source"] == "hf":
-            sft = self._hub_import(config["sft"]["hf"], f"{self.name}-sft")
+            self.sft = self._hub_import(config["sft"]["hf"], f"{self.name}-sft")
         else:
-            sft = self._sft(base, "sft")
+            self.sft = self._sft(self.base, "sft")
+        self.variants = [v for entry in config["merges"] for v in merge_variants(entry)]
 
-        def subject(kind: str, **extra: Any) -> dict[str, Any]:
-            fields = {
-                "kind": kind,
-                "model": self.name,
-                "langs": [],
-                "tokens": None,
-                "method": None,
-                "hparams": None,
-            }
-            return {**fields, **extra}
-
-        for model, kind in ((base, "base"), (sft, "sft")):
+        # One evaluation job per suite, so adding a language adds jobs and reruns none.
+        for model, kind in ((self.base, "base"), (self.sft, "sft")):
             for suite in [*langs, ENGLISH_SUITE]:
-                self._evaluate(model, subject(kind), [suite])
-
-        variants = [v for entry in config["merges"] for v in merge_variants(entry)]
-        for tokens in sorted(config["budgets"]):
-            cts = {}
-            for lang in langs:
-                data = self._prepare(tokenizer, config["languages"][lang]["corpus"], tokens)
-                ct = cts[lang] = self._ct(base, data, lang, tokens)
-                self._evaluate(
-                    ct, subject("ct", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE]
-                )
-                if config["ct_sft"]["enabled"]:
-                    ctsft = self._sft(ct, "ctsft", lang=lang, tokens=tokens)
-                    self._evaluate(
-                        ctsft, subject("ctsft", langs=[lang], tokens=tokens), [lang, ENGLISH_SUITE]
-                    )
-                for variant in variants:
-                    if variant.single:
-                        merged = self._merge(variant, base, {lang: ct}, sft, tokens)
-                        meta = subject(
-                            "merge",
-                            langs=[lang],
-                            tokens=tokens,
-                            method=variant.method,
-                            hparams=variant.label,
-                        )
-                        self._evaluate(merged, meta, [lang, ENGLISH_SUITE])
-            if len(langs) > 1:
-                for variant in variants:
+                self._evaluate(model, self._subject(kind), [suite])
+        budgets = sorted({tokens for lang in langs for tokens in language_budgets(config, lang)})
+        for tokens in budgets:
+            cts = {
+                lang: self._language_chain(lang, tokens)
+                for lang in langs
+                if tokens in language_budgets(config, lang)
+            }
+            if len(cts) > 1:
+                for variant in self.variants:
                     if variant.multilingual:
-                        merged = self._merge(variant, base, cts, sft, tokens)
-                        meta = subject(
-                            "merge",
-                            langs=langs,
-                            tokens=tokens,
-                            method=variant.method,
-                            hparams=variant.label,
-                        )
-                        self._evaluate(merged, meta, [*langs, ENGLISH_SUITE])
+                        self._merge_and_evaluate(variant, cts, tokens)
+
+    def _language_chain(self, lang: str, tokens: int) -> Artifact:
+        """CT of one language at one budget, its baseline and merges; returns the CT model."""
+        release = released_ct(self.config, lang, tokens)
+        if release:
+            hub = {key: release[key] for key in ("id", "revision", "dtype")}
+            ct = self._hub_import(hub, f"{self.name}-ct-{lang}-{tokens}")
+        else:
+            data = self._prepare(self.tokenizer, self.config["languages"][lang]["corpus"], tokens)
+            ct = self._ct(self.base, data, lang, tokens)
+        self._evaluate(ct, self._subject("ct", [lang], tokens), [lang, ENGLISH_SUITE])
+        if self.config["ct_sft"]["enabled"]:
+            ctsft = self._sft(ct, "ctsft", lang=lang, tokens=tokens)
+            self._evaluate(ctsft, self._subject("ctsft", [lang], tokens), [lang, ENGLISH_SUITE])
+        for variant in self.variants:
+            if variant.single:
+                self._merge_and_evaluate(variant, {lang: ct}, tokens)
+        return ct
+
+    def _merge_and_evaluate(self, variant: MergeVariant, cts: dict[str, Artifact], tokens: int):
+        merged = self._merge(variant, self.base, cts, self.sft, tokens)
+        subject = self._subject("merge", cts, tokens, variant)
+        self._evaluate(merged, subject, [*sorted(cts), ENGLISH_SUITE])
 
     # -- what rule all asks for --------------------------------------------------------------
 

@@ -1,29 +1,59 @@
 """Training stages, all on transformers' Trainer: pretraining from scratch, CT and SFT.
 
     python -m workflow.train pretrain --recipe JSON --tokenizer DIR --data DIR [DIR ...] --out DIR
-    python -m workflow.train ct --recipe JSON --model DIR --data DIR --out DIR
+    python -m workflow.train ct --recipe JSON --model DIR --data DIR [--replay DIR] --out DIR
     python -m workflow.train sft --recipe JSON --model DIR --corpus PATH --out DIR
-    (each takes --threads N; on a CUDA machine the Trainer uses the visible GPU)
+    (each takes --threads N)
+
+Several processes (DDP, or FSDP with params.train.fsdp) are started by workflow.launch, which
+also leases GPU ids; the rules call it, and by hand it reads:
+
+    python -m workflow.launch --gpus 4 -- workflow.train ct --recipe JSON ...   # 4 GPUs
+    python -m workflow.launch --gpus 0 --nproc 2 -- workflow.train ct ...       # 2 CPU procs
 
 recipe["params"]["train"] (unknown keys are rejected):
     lr, min_lr          peak and floor of the cosine schedule ("cosine_with_min_lr")
     warmup_ratio        fraction of the steps spent warming up linearly (default 0)
-    batch_size          sequences per device step; grad_accum steps make one update (default 1)
+    batch_size          sequences per micro-batch and process
+    grad_accum          micro-batches per optimizer step, summed over all processes (default 1):
+                        with N processes each accumulates grad_accum / N, so the tokens per
+                        step (batch_size * grad_accum * seq_len) and the result do not depend
+                        on the GPU count; grad_accum must be a multiple of N
     seq_len             tokens per sequence
     weight_decay        AdamW weight decay (default 0)
     epochs              passes over the data (default 1)
     seed                model init, data order (default 0)
+    save_steps          checkpoint every this many optimizer steps (default null: ~10% of them)
+    gradient_checkpointing  recompute activations in backward to save memory (default false)
+    bf16                "auto" (bf16 autocast on a CUDA device that supports it), true, false
+    lora                null (full fine-tuning) or {r, alpha, dropout, target_modules}: LoRA
+                        via peft; the deltas are folded into the full weights before saving
+    fsdp                null (DDP) or a TrainingArguments.fsdp string, e.g. "full_shard
+                        auto_wrap" for 7B-class models on several GPUs
+recipe["params"]["replay"] (ct only, optional): {"share": s}, the share of replay (English)
+tokens among all CT tokens, 0 < s < 1 (the paper's 4:1 mix is 0.2). The target-language budget
+stays exact; round(budget * s / (1 - s)) tokens are taken from the front of --replay's
+tokens.npy (it must hold at least that many) and packed into blocks of their own, which are
+interleaved evenly with the target blocks. Both counts are recorded.
 
 Token budgets are exact. tokens.npy is read as one stream (documents already end in EOS) and
 cut into blocks of seq_len tokens that overlap by one token: block k is
 stream[k*(seq_len-1) : k*(seq_len-1)+seq_len]. Because a causal LM predicts token i+1 from
 tokens <= i, every token of tokens.npy is a prediction target exactly once per epoch; an EOS is
 put in front of the stream so that its first token is a target too. The final, partial block is
-padded with the pad id and label -100. metrics.json's tokens_trained counts the targets the
-collator actually handed to the Trainer, so it is measured, not derived.
+padded with the pad id and label -100. With N processes the block list is topped up with empty
+blocks (no targets) so that every process gets the same number of micro-batches: the default
+"even batches" would instead repeat blocks. metrics.json's tokens_trained counts the targets
+that reached training_step, summed over processes, so it is measured, not derived.
 
-Weights are trained in float32 (bf16 autocast on a CUDA device that supports it) and saved in
-the dtype the input model was stored in.
+Resuming. The Trainer checkpoints every save_steps into a work directory beside the output,
+<parent>/.<name>.work/, which is no Snakemake output (so a failed job's state survives) and is
+removed once the artifact is in place. A rerun of a killed job resumes from the newest complete
+checkpoint (one whose marker file was written after the Trainer finished saving it); on CPU the
+result is bit-identical to an uninterrupted run (tests/test_resume.py).
+
+Weights are trained in float32 (bf16 autocast where enabled) and saved in the dtype the input
+model was stored in.
 """
 
 from __future__ import annotations
@@ -31,6 +61,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -42,7 +73,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from workflow.artifacts import atomic_dir, parse_recipe_arg, write_json, write_recipe
+from workflow.artifacts import (
+    atomic_dir,
+    parse_recipe_arg,
+    read_json,
+    write_json,
+    write_recipe,
+)
 from workflow.corpus import read_corpus, split_records
 from workflow.prompts import TOPIC_LABELS, topic_answer, topic_prompt
 
@@ -56,7 +93,21 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 1,
     "seed": 0,
     "grad_accum": 1,
+    "save_steps": None,
+    "gradient_checkpointing": False,
+    "bf16": "auto",
+    "lora": None,
+    "fsdp": None,
 }
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    # Llama/Gemma/Mistral names; "all-linear" is peft's catch-all.
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+CHECKPOINT_DONE = "lrmerge-complete"  # written after the Trainer finished a checkpoint
+WORK_META = "work.json"
 
 
 def train_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +137,69 @@ def train_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"train params: 'warmup_ratio' must be in [0, 1), got {train['warmup_ratio']}"
         )
+    save = train["save_steps"]
+    if save is not None and (not isinstance(save, int) or save < 1):
+        raise ValueError(
+            f"train params: 'save_steps' must be null or an integer >= 1, got {save!r}"
+        )
+    if not isinstance(train["gradient_checkpointing"], bool):
+        raise ValueError(
+            "train params: 'gradient_checkpointing' must be true or false, "
+            f"got {train['gradient_checkpointing']!r}"
+        )
+    if train["bf16"] not in ("auto", True, False):
+        raise ValueError(
+            f"train params: 'bf16' must be \"auto\", true or false, got {train['bf16']!r}"
+        )
+    if train["fsdp"] is not None and not (isinstance(train["fsdp"], str) and train["fsdp"]):
+        raise ValueError(f"train params: 'fsdp' must be null or a string, got {train['fsdp']!r}")
+    if train["lora"] is not None:
+        train["lora"] = _lora_params(train["lora"])
+        if train["fsdp"] is not None:
+            raise ValueError("train params: 'lora' together with 'fsdp' is not supported")
     return train
+
+
+def _lora_params(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"train params: 'lora' must be null or an object, got {raw!r}")
+    unknown = sorted(set(raw) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"train params: unknown lora key(s) {unknown}; known: {list(LORA_DEFAULTS)}"
+        )
+    lora = {**LORA_DEFAULTS, **raw}
+    if not isinstance(lora["r"], int) or lora["r"] < 1:
+        raise ValueError(f"train params: lora 'r' must be an integer >= 1, got {lora['r']!r}")
+    if not isinstance(lora["alpha"], (int, float)) or lora["alpha"] <= 0:
+        raise ValueError(f"train params: lora 'alpha' must be > 0, got {lora['alpha']!r}")
+    if not isinstance(lora["dropout"], (int, float)) or not 0 <= lora["dropout"] < 1:
+        raise ValueError(f"train params: lora 'dropout' must be in [0, 1), got {lora['dropout']!r}")
+    targets = lora["target_modules"]
+    if not (targets == "all-linear" or (isinstance(targets, list) and targets)):
+        raise ValueError(
+            f"train params: lora 'target_modules' must be a non-empty list or \"all-linear\", "
+            f"got {targets!r}"
+        )
+    return lora
+
+
+def replay_params(params: dict[str, Any]) -> float | None:
+    """params["replay"]["share"], validated; None without replay."""
+    raw = params.get("replay")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"share"}:
+        raise ValueError(f"ct params: 'replay' must be an object {{\"share\": s}}, got {raw!r}")
+    share = raw["share"]
+    if not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ValueError(f"ct params: replay 'share' must be in (0, 1), got {share!r}")
+    return float(share)
+
+
+def replay_tokens_for(budget: int, share: float) -> int:
+    """Replay tokens that make up ``share`` of all CT tokens next to ``budget`` target tokens."""
+    return round(budget * share / (1 - share))
 
 
 # --------------------------------------------------------------------------- data
@@ -197,25 +310,80 @@ def select_sft_records(
     return chosen
 
 
-class CountingCollator:
-    """Right-pads a batch and counts the label tokens handed to training (shifted, as the loss)."""
+class Interleaved(torch.utils.data.Dataset):
+    """Target and replay blocks, spread evenly: item order is fixed by the two lengths alone.
 
-    def __init__(self, pad_id: int) -> None:
+    Each block sits at the midpoint of its slot in its own source, (k + 0.5) / n; merging the
+    two by that key (target first on ties) gives a 4:1 mix as t t t t r t t t t r ... Replay
+    items carry ``source`` 1 so that their tokens are counted apart.
+    """
+
+    def __init__(self, target: Any, replay: Any) -> None:
+        self.target, self.replay = target, replay
+        keyed = [((k + 0.5) / len(target), 0, k) for k in range(len(target))]
+        keyed += [((k + 0.5) / len(replay), 1, k) for k in range(len(replay))]
+        self.order = [(source, k) for _, source, k in sorted(keyed)]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, k = self.order[index]
+        if source == 0:
+            return self.target[k]
+        return {**self.replay[k], "source": 1}
+
+
+class TopUp(torch.utils.data.Dataset):
+    """``dataset`` followed by empty blocks (no targets) up to ``length`` items.
+
+    Under DDP every process must step through the same number of micro-batches; accelerate's
+    default would repeat real blocks to get there, training some tokens twice.
+    """
+
+    def __init__(self, dataset: Any, length: int, pad_id: int) -> None:
+        self.dataset, self.length, self.pad_id = dataset, max(length, len(dataset)), pad_id
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < len(self.dataset):
+            return self.dataset[index]
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return {"input_ids": [self.pad_id, self.pad_id], "labels": [IGNORE, IGNORE]}
+
+
+class CountingCollator:
+    """Right-pads a batch and counts the label tokens handed to training (shifted, as the loss).
+
+    With ``with_counts`` the batch also carries ``token_counts`` = [target, replay] label tokens,
+    which the training step takes out (and counts) before the model sees the batch.
+    """
+
+    def __init__(self, pad_id: int, with_counts: bool = False) -> None:
         self.pad_id = pad_id
+        self.with_counts = with_counts
         self.label_tokens = 0
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
+        counts = torch.zeros(2, dtype=torch.long)
         for row, feature in enumerate(features):
             n = len(feature["input_ids"])
             input_ids[row, :n] = torch.tensor(feature["input_ids"])
             labels[row, :n] = torch.tensor(feature["labels"])
             mask[row, :n] = 1
-        self.label_tokens += int((labels[:, 1:] != IGNORE).sum())
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            counts[feature.get("source", 0)] += int((labels[row, 1:] != IGNORE).sum())
+        self.label_tokens += int(counts.sum())
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.with_counts:
+            batch["token_counts"] = counts
+        return batch
 
 
 def count_targets(dataset: Any) -> int:
@@ -243,19 +411,161 @@ def _check_seq_len(model: Any, seq_len: int) -> None:
         )
 
 
-def run_training(
-    model: Any, dataset: Any, collator: CountingCollator, train: dict[str, Any], workdir: Path
-) -> dict[str, Any]:
-    """Train ``model`` in place with the Trainer; return the metrics that go in metrics.json."""
-    from transformers import Trainer, TrainingArguments
+def work_dir_for(out: Path) -> Path:
+    """Checkpoints of the job that builds ``out``: a stable sibling, not a Snakemake output."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
 
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    # gloo and nccl both take float64 on the device the process group uses.
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(tensor, op=reduce_op)
+    return tensor.tolist()
+
+
+def _complete_checkpoints(workdir: Path) -> list[Path]:
+    found = []
+    for path in workdir.glob("checkpoint-*"):
+        if path.is_dir() and path.name.removeprefix("checkpoint-").isdigit():
+            found.append(path)
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
+def prepare_work_dir(workdir: Path, meta: dict[str, Any]) -> Path | None:
+    """Make ``workdir`` ready; return the newest complete checkpoint to resume from, if any.
+
+    A work dir left by a different recipe or process count is wiped (its state would not fit);
+    checkpoints without the completion marker (killed while saving) are deleted.
+    """
+    if workdir.is_dir():
+        meta_file = workdir / WORK_META
+        old = read_json(meta_file) if meta_file.is_file() else None
+        if old != meta:
+            log.warning("work dir %s belongs to another run (%s); starting afresh", workdir, old)
+            shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / WORK_META, meta)
+    resume = None
+    for path in _complete_checkpoints(workdir):
+        if (path / CHECKPOINT_DONE).is_file():
+            resume = path
+        else:
+            log.warning("deleting incomplete checkpoint %s", path)
+            shutil.rmtree(path)
+    return resume
+
+
+def _resolve_bf16(setting: Any, cuda: bool) -> bool:
+    if setting == "auto":
+        return cuda and torch.cuda.is_bf16_supported()
+    if setting and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("train params: bf16 is true but this GPU does not support bfloat16")
+    return bool(setting)
+
+
+def apply_lora(model: Any, lora: dict[str, Any]) -> Any:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "train params: 'lora' needs the peft package: pip install peft"
+        ) from error
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _trainer_classes() -> tuple[type, type]:
+    """The Trainer subclass and checkpoint callback (imported late: transformers is slow)."""
+    from transformers import Trainer, TrainerCallback
+
+    class CountingTrainer(Trainer):
+        """Counts the label tokens of every micro-batch that reaches the optimizer."""
+
+        token_counts = (0, 0)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
+            counts = inputs.pop("token_counts").tolist()
+            self.token_counts = (self.token_counts[0] + counts[0], self.token_counts[1] + counts[1])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class CheckpointMarks(TrainerCallback):
+        """After the Trainer saved a checkpoint: each rank's token counts, then a done marker."""
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            _barrier()  # every rank has written its part of the checkpoint
+            write_json(
+                folder / f"lrmerge-counts-{args.process_index}.json",
+                {"token_counts": list(self.trainer.token_counts)},
+            )
+            _barrier()
+            if args.process_index == 0:
+                (folder / CHECKPOINT_DONE).touch()
+            return control
+
+    return CountingTrainer, CheckpointMarks
+
+
+def run_training(
+    model: Any,
+    dataset: Any,
+    collator: CountingCollator,
+    train: dict[str, Any],
+    workdir: Path,
+    meta: dict[str, Any],
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train ``model`` with the Trainer, resuming from ``workdir``'s checkpoints.
+
+    Returns the trained model (LoRA folded in), the Trainer (for a sharded state dict), and the
+    metrics that go in metrics.json.
+    """
+    from transformers import TrainingArguments
+
+    rank, world = _world()
+    if train["grad_accum"] % world:
+        raise ValueError(
+            f"train params: grad_accum {train['grad_accum']} must be a multiple of the "
+            f"{world} training processes (it counts micro-batches over all of them)"
+        )
+    accum = train["grad_accum"] // world
+    per_round = train["batch_size"] * world
+    if world > 1:
+        dataset = TopUp(dataset, math.ceil(len(dataset) / per_round) * per_round, collator.pad_id)
+    collator.with_counts = True
+    batches = math.ceil(len(dataset) / per_round)  # micro-batches per process and epoch
+    steps = train["epochs"] * math.ceil(batches / accum)
+    save_steps = train["save_steps"] or max(1, math.ceil(steps / 10))
     cuda = torch.cuda.is_available()
-    batches = math.ceil(len(dataset) / train["batch_size"])
-    steps = train["epochs"] * math.ceil(batches / train["grad_accum"])
+    if train["lora"] is not None:
+        model = apply_lora(model, train["lora"])
     args = TrainingArguments(
         output_dir=str(workdir),
         per_device_train_batch_size=train["batch_size"],
-        gradient_accumulation_steps=train["grad_accum"],
+        gradient_accumulation_steps=accum,
         num_train_epochs=train["epochs"],
         learning_rate=train["lr"],
         weight_decay=train["weight_decay"],
@@ -265,35 +575,80 @@ def run_training(
         warmup_steps=math.ceil(steps * train["warmup_ratio"]),
         logging_steps=max(1, min(50, steps // 20)),
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=save_steps,
+        # Two, so that a kill while writing the newest still leaves a complete one.
+        save_total_limit=2,
         report_to="none",
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=_resolve_bf16(train["bf16"], cuda),
+        activation_checkpointing=train["gradient_checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        ddp_backend=None if cuda or world == 1 else "gloo",
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
         seed=train["seed"],
         data_seed=train["seed"],
+        disable_tqdm=rank != 0,
+        **({"fsdp": train["fsdp"]} if train["fsdp"] else {}),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    # Rank 0 tidies the work dir before the others look for a checkpoint in it.
+    with args.main_process_first(local=False, desc="work dir"):
+        resume = prepare_work_dir(workdir, meta) if args.process_index == 0 else None
+        if args.process_index != 0:
+            done = [p for p in _complete_checkpoints(workdir) if (p / CHECKPOINT_DONE).is_file()]
+            resume = done[-1] if done else None
+    trainer_cls, marks_cls = _trainer_classes()
+    marks = marks_cls()
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[marks]
+    )
+    marks.trainer = trainer
+    resumed_step = 0
+    resumed_tokens = 0  # over all processes; the checkpoint itself is rotated away later
+    if resume is not None:
+        counts = read_json(resume / f"lrmerge-counts-{args.process_index}.json")["token_counts"]
+        trainer.token_counts = tuple(counts)
+        resumed_tokens = sum(
+            sum(read_json(resume / f"lrmerge-counts-{r}.json")["token_counts"])
+            for r in range(world)
+        )
+        resumed_step = int(resume.name.removeprefix("checkpoint-"))
+        log.info("resuming from %s (step %d of %d)", resume, resumed_step, steps)
     start = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - start
     if trainer.state.global_step != steps:
         raise RuntimeError(f"Trainer ran {trainer.state.global_step} steps, expected {steps}")
+    target, replay = (int(v) for v in _all_reduce([float(c) for c in trainer.token_counts]))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    rss_mb, peak_gpu = _all_reduce([rss_mb, peak_gpu], op="max")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trained_now = target + replay - resumed_tokens
     metrics = {
         "steps": steps,
-        "tokens_trained": collator.label_tokens,
+        "tokens_trained": target,
+        "tokens_per_step": train["batch_size"] * train["grad_accum"] * train["seq_len"],
         "wall_s": round(wall, 3),
-        "tokens_per_s": round(collator.label_tokens / wall, 1) if wall > 0 else None,
+        # Tokens of this process's run only: a resumed job did not retrain the earlier ones.
+        "tokens_per_s": round(trained_now / wall, 1) if wall > 0 else None,
         "final_loss": losses[-1] if losses else output.training_loss,
         "mean_loss": output.training_loss,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(rss_mb, 1),
+        "world_size": world,
+        "device": "cuda" if cuda else "cpu",
+        "bf16": args.bf16,
+        "resumed_from_step": resumed_step,
     }
+    if replay:
+        metrics["replay_tokens_trained"] = replay
     if cuda:
-        metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return metrics
+        metrics["peak_gpu_mb"] = round(peak_gpu, 1)
+    if train["lora"] is not None:
+        model = trainer.model.merge_and_unload()
+    return model, trainer, metrics
 
 
 def _finish(
@@ -308,15 +663,28 @@ def _finish(
 ) -> None:
     train = train_params(recipe["params"])
     _check_seq_len(model, train["seq_len"])
-    with atomic_dir(out) as tmp:
-        workdir = tmp / "_trainer"
-        metrics = run_training(model, dataset, collator, train, workdir)
+    workdir = work_dir_for(out)
+    meta = {"recipe": recipe, "world_size": _world()[1]}
+    model, trainer, metrics = run_training(model, dataset, collator, train, workdir, meta)
+    state_dict = None
+    if trainer.is_fsdp_enabled:  # a collective: every rank takes part
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.args.process_index == 0:
+        with atomic_dir(out) as tmp:
+            if state_dict is not None:
+                state_dict = {k: v.to(save_dtype) for k, v in state_dict.items()}
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                    tmp, state_dict=state_dict
+                )
+            else:
+                model.to(save_dtype).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "metrics.json", {**extra, **metrics})
+            write_recipe(tmp, recipe)
+        # Only now is the state safe to drop: the artifact is in place.
         shutil.rmtree(workdir, ignore_errors=True)
-        model.to(save_dtype).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "metrics.json", {**extra, **metrics})
-        write_recipe(tmp, recipe)
-    log.info("wrote %s: %s", out, metrics)
+        log.info("wrote %s: %s", out, metrics)
+    _barrier()
 
 
 def _load_model(model_dir: Path) -> tuple[Any, Any, torch.dtype]:
@@ -359,16 +727,44 @@ def pretrain(recipe: dict[str, Any], tokenizer_dir: Path, data_dirs: list[Path],
     _finish(model, tokenizer, dataset, collator, recipe, out, torch.float32, extra)
 
 
-def continual(recipe: dict[str, Any], model_dir: Path, data_dir: Path, out: Path) -> None:
-    train = train_params(recipe["params"])
+def continual(
+    recipe: dict[str, Any],
+    model_dir: Path,
+    data_dir: Path,
+    out: Path,
+    replay_dir: Path | None = None,
+) -> None:
+    params = recipe["params"]
+    train = train_params(params)
+    share = replay_params(params)
+    if (share is None) != (replay_dir is None):
+        raise ValueError(
+            "ct: params.replay and --replay go together: "
+            f"replay share {share!r}, --replay {replay_dir!s}"
+        )
     model, tokenizer, stored = _load_model(model_dir)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {model_dir} has no eos token to separate documents")
+    vocab = model.get_input_embeddings().num_embeddings
     tokens = load_tokens(data_dir)
-    check_vocab(tokens, model.get_input_embeddings().num_embeddings, str(data_dir))
-    dataset = PackedBlocks(tokens, train["seq_len"], tokenizer.eos_token_id)
+    check_vocab(tokens, vocab, str(data_dir))
+    dataset: Any = PackedBlocks(tokens, train["seq_len"], tokenizer.eos_token_id)
+    extra: dict[str, Any] = {"tokens_budget": int(tokens.size), "epochs": train["epochs"]}
+    if share is not None and replay_dir is not None:
+        wanted = replay_tokens_for(int(tokens.size), share)
+        replay = load_tokens(replay_dir)
+        if replay.size < wanted:
+            raise ValueError(
+                f"--replay {replay_dir} holds {replay.size:,} tokens; a replay share of {share} "
+                f"next to {tokens.size:,} target tokens needs {wanted:,}"
+            )
+        replay = replay[:wanted]
+        check_vocab(replay, vocab, str(replay_dir))
+        if wanted:
+            blocks = PackedBlocks(replay, train["seq_len"], tokenizer.eos_token_id)
+            dataset = Interleaved(dataset, blocks)
+        extra.update(replay_share=share, replay_tokens_budget=wanted)
     collator = CountingCollator(_pad_id(tokenizer))
-    extra = {"tokens_budget": int(tokens.size), "epochs": train["epochs"]}
     _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra)
 
 
@@ -413,6 +809,7 @@ def main(argv: list[str] | None = None) -> None:
     ct = sub.add_parser("ct", help="continual pre-training of a model dir on a token dir")
     ct.add_argument("--model", type=Path, required=True)
     ct.add_argument("--data", type=Path, required=True)
+    ct.add_argument("--replay", type=Path, default=None, help="English replay token dir")
     tune = sub.add_parser("sft", help="supervised fine-tuning on topic classification")
     tune.add_argument("--model", type=Path, required=True)
     tune.add_argument("--corpus", type=Path, required=True)
@@ -423,15 +820,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        # The job's threads are shared by the processes of a multi-process launch.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, args.threads // local))
     try:
         if args.command == "pretrain":
             pretrain(args.recipe, args.tokenizer, args.data, args.out)
         elif args.command == "ct":
-            continual(args.recipe, args.model, args.data, args.out)
+            continual(args.recipe, args.model, args.data, args.out, args.replay)
         else:
             sft(args.recipe, args.model, args.corpus, args.out)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -1,34 +1,43 @@
 """Merge methods: small pure functions of tensors in and a tensor out, registered by name.
 
-Semantics and defaults follow mergekit 0.1.5 (``merge_methods/linear.py``,
-``merge_methods/generalized_task_arithmetic.py``, ``sparsify.py``, ``merge_methods/registry.py``).
+These are the reference implementations: whole tensors in, one tensor out, written to be read.
+The engine runs the hot ones (linear, task_arithmetic, ties, ties_sv) through streaming kernels
+in :mod:`workflow.merge.kernels` that give bit-identical results (tested).
+
+Semantics and defaults follow mergekit 0.1.5 (``merge_methods/linear.py``, ``slerp.py``,
+``model_stock.py``, ``generalized_task_arithmetic.py``, ``sparsify.py``, ``registry.py``).
 Notation: base ``b``, model tensors ``x_i``, task vectors ``tau_i = x_i - b``, weights ``w_i``,
 densities ``d_i``, scale ``lambda``.
 
-- linear (Wortsman et al. 2022, model soups)::
-
-      out = sum_i w_i x_i / (sum_i w_i if normalize else 1)
-
-- task_arithmetic (Ilharco et al. 2023), ties (Yadav et al. 2023) and ties_sv (Tao et al. 2024)
-  are configured instances of one generalized task arithmetic (:func:`generalized_task_arithmetic`):
-  a sparsification kind, a sign-consensus kind, and normalize/rescale defaults. DARE, breadcrumbs
-  and DELLA plug in as further :class:`Sparsification` kinds.
+- linear (Wortsman et al. 2022, model soups): ``out = sum_i w_i x_i / (sum_i w_i if normalize)``.
+- task_arithmetic, ties, ties_sv, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della
+  and della_linear are configured instances of one generalized task arithmetic
+  (:func:`generalized_task_arithmetic`): a sparsification kind, a sign-consensus kind, and
+  normalize/rescale defaults, as in mergekit's registry.
+- slerp: spherical interpolation of two models' whole tensors (``t`` towards the second).
+- model_stock (Jang et al. 2024): interpolation between the base and the models' average by the
+  cosine between their task vectors.
 
 Differences from mergekit, all deliberate:
-- Math runs in float32 and the result is cast to the base dtype (mergekit computes in the base
-  dtype); parity holds exactly on float32 inputs.
-- Top-k trimming keeps exactly ``k = int(d * numel)`` entries (truncation, as mergekit); ties at
-  the threshold go to the lowest flat index, so bf16 ties are broken deterministically (mergekit's
-  ``argsort`` leaves them to the sort). ``k == 0`` trims the whole task vector where mergekit
-  asserts.
+- Math runs in float32 and the result is cast to the base dtype (mergekit's GTA computes in the
+  base dtype); parity holds to fp32 rounding on float32 inputs.
+- Top-k trimming keeps exactly ``k = max(1, int(d * numel))`` entries, as mergekit, but ties at
+  the threshold go to the lowest flat index, so bf16 ties are broken deterministically
+  (mergekit's ``argsort`` leaves them to the sort). Breadcrumbs uses the same rule.
+- DARE and DELLA draw their masks from a generator seeded by (``seed``, tensor name, model
+  index): reruns are reproducible whatever the tensor order or device. mergekit uses the global
+  torch RNG, so these two families cannot be compared to it bit for bit.
 - Non-floating tensors are copied from the base.
 - A model's ``weight`` defaults to 1 (mergekit requires it).
+- slerp interpolates the two models of the recipe (the base is then only the layout reference);
+  given a single model it interpolates base to model, as mergekit does.
 
 Also here: per-tensor merge diagnostics (:func:`delta_diagnostics`), pure functions as well.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +59,9 @@ class Sparsification(StrEnum):
 
     NONE = "none"
     MAGNITUDE = "magnitude"  # TIES: keep the top-d fraction by |tau|
+    RANDOM = "random"  # DARE: keep each entry with probability d
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the top gamma, then the bottom
+    DELLA_MAGPRUNE = "della_magprune"  # DELLA: keep probability d +- epsilon by magnitude rank
 
 
 class Consensus(StrEnum):
@@ -57,6 +69,20 @@ class Consensus(StrEnum):
 
     NONE = "none"  # plain sum: no sign election
     SUM = "sum"  # TIES: gamma = sign(sum_i w_i tau_i), ties (sum == 0) go to +1
+
+
+def topk_count(density: float, numel: int) -> int:
+    """mergekit's k: ``max(1, int(density * numel))`` entries of a nonempty tensor."""
+    return max(1, int(density * numel)) if numel else 0
+
+
+def kth_largest(flat: Tensor, k: int) -> float:
+    """The k-th largest value (1 <= k <= numel) of a 1-D tensor, by selection, not sorting."""
+    n = flat.numel()
+    # numpy's partition is the fastest selection on CPU (DESIGN §8); kthvalue elsewhere.
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        return float(np.partition(flat.numpy(), n - k)[n - k])
+    return float(flat.kthvalue(n - k + 1).values)
 
 
 def topk_mask(values: Tensor, k: int) -> Tensor:
@@ -72,11 +98,7 @@ def topk_mask(values: Tensor, k: int) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(values, dtype=torch.bool)
-    # A selection, far cheaper than the full argsort mergekit does; numpy's is the fastest on CPU.
-    if flat.device.type == "cpu" and flat.dtype == torch.float32:
-        threshold = float(np.partition(flat.numpy(), n - k)[n - k])
-    else:
-        threshold = float(flat.kthvalue(n - k + 1).values)
+    threshold = kth_largest(flat, k)
     mask = flat > threshold
     missing = k - int(mask.count_nonzero())
     if missing > 0:
@@ -85,28 +107,86 @@ def topk_mask(values: Tensor, k: int) -> Tensor:
     return mask.reshape(values.shape)
 
 
-def magnitude_trim(tau: Tensor, density: float, *, rescale: bool = False) -> Tensor:
-    """Keep the top ``k = int(density * numel)`` entries of ``|tau|``, zero the rest.
+def rescale_l1(tau: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scale ``masked`` to the L1 norm of ``tau`` (mergekit's rescale_norm=l1; skipped below
+    ``eps``)."""
+    before, after = tau.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
 
-    With ``rescale`` the kept entries are scaled to restore the L1 norm of ``tau`` (mergekit's
-    ``rescale_norm=l1``; skipped when either norm is below 1e-7).
-    """
+
+def magnitude_trim(tau: Tensor, density: float, *, rescale: bool = False) -> Tensor:
+    """Keep the top ``k = max(1, int(density * numel))`` entries of ``|tau|``, zero the rest."""
     if density >= 1:
         return tau
-    mask = topk_mask(tau.abs(), int(density * tau.numel()))
+    trimmed = tau * topk_mask(tau.abs(), topk_count(density, tau.numel()))
+    return rescale_l1(tau, trimmed) if rescale else trimmed
+
+
+def magnitude_outliers_trim(tau: Tensor, density: float, gamma: float, *,
+                            rescale: bool = False) -> Tensor:
+    """Model breadcrumbs: drop the top ``int(gamma * n)`` magnitudes (outliers) and keep the next
+    ``int(density * n)``; the outlier count shrinks when both do not fit (as mergekit)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target = int(density * n)
+    bottom = max(0, n - target - int(gamma * n))
+    magnitude = tau.abs()
+    # Rank from the top r kept iff n - bottom - target <= r < n - bottom: a difference of nested
+    # top-k masks, so ties break by index like everywhere else.
+    mask = topk_mask(magnitude, n - bottom) & ~topk_mask(magnitude, n - bottom - target)
     trimmed = tau * mask
+    return rescale_l1(tau, trimmed) if rescale else trimmed
+
+
+def random_trim(tau: Tensor, density: float, generator: torch.Generator, *,
+                rescale: bool = False) -> Tensor:
+    """DARE: keep each entry with probability ``density`` (rescale: restore the L1 norm)."""
+    if density >= 1:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator, device=generator.device) < density
+    trimmed = tau * keep.to(tau.device)
+    return rescale_l1(tau, trimmed) if rescale else trimmed
+
+
+def della_trim(tau: Tensor, density: float, epsilon: float, generator: torch.Generator, *,
+               rescale: bool = False) -> Tensor:
+    """DELLA's MagPrune: per row, keep probability rises linearly with magnitude rank from
+    ``density - epsilon`` to ``density + epsilon``."""
+    if density >= 1:
+        return tau
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della needs density +/- epsilon in (0, 1), got density {density} "
+                         f"and epsilon {epsilon}")
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float() + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
+    keep = torch.rand(probs.shape, generator=generator, device=generator.device) < probs.to(
+        generator.device)
+    trimmed = rows * keep.to(rows.device)
     if rescale:
-        before, after = tau.abs().sum(), trimmed.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            trimmed = trimmed * (before / after)
-    return trimmed
+        trimmed = rescale_l1(rows, trimmed)
+    return trimmed.reshape(tau.shape)
 
 
-def sparsify(tau: Tensor, density: float, kind: Sparsification, *, rescale: bool) -> Tensor:
+def sparsify(tau: Tensor, density: float, kind: Sparsification, *, rescale: bool,
+             gamma: float = 0.01, epsilon: float = 0.15,
+             generator: torch.Generator | None = None) -> Tensor:
     if kind is Sparsification.NONE:
         return tau
     if kind is Sparsification.MAGNITUDE:
         return magnitude_trim(tau, density, rescale=rescale)
+    if kind is Sparsification.MAGNITUDE_OUTLIERS:
+        return magnitude_outliers_trim(tau, density, gamma, rescale=rescale)
+    if generator is None:
+        raise ValueError(f"sparsification {kind.value!r} is random and needs a generator")
+    if kind is Sparsification.RANDOM:
+        return random_trim(tau, density, generator, rescale=rescale)
+    if kind is Sparsification.DELLA_MAGPRUNE:
+        return della_trim(tau, density, epsilon, generator, rescale=rescale)
     raise NotImplementedError(f"sparsification {kind.value!r} is not implemented")
 
 
@@ -116,9 +196,9 @@ def linear(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *,
 
     The base tensor only sets the output dtype (as in mergekit, the base is not averaged in).
     """
-    out = torch.zeros(base.shape, dtype=torch.float32)
-    for x, w in zip(tensors, weights, strict=True):
-        out.add_(x.float(), alpha=w)
+    out = tensors[0].float() * weights[0]
+    for x, w in zip(tensors[1:], weights[1:], strict=True):
+        out += x.float() * w
     if normalize:
         out /= sum(weights)
     return out.to(base.dtype)
@@ -137,18 +217,20 @@ def generalized_task_arithmetic(
     rescale: bool = False,
     task_index: int | None = None,
     slack: float = 0.0,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """Generalized task arithmetic (mergekit's GTATask), with the TIES-SV slack.
+    """Generalized task arithmetic (mergekit's GTA), with the TIES-SV slack.
 
     With ``tau_hat_i = sparsify(tau_i, d_i)`` and ``v_i = w_i * tau_hat_i``:
 
     - no consensus: ``m = sum_i v_i``; divisor ``D = sum_i w_i`` (1 where ``|D| < 1e-8``).
     - sum consensus: ``gamma = +1 where sum_i v_i >= 0 else -1``;
-      TIES-SV: let ``P`` be the top ``int(slack * numel)`` entries of ``|v_t|`` (t =
-      ``task_index``; for ``w_t != 0`` the top entries of ``|tau_hat_t|``, same tie rule as
-      trimming, so ``P`` lies inside the kept set when slack <= d_t); on ``P`` where
-      ``v_t != 0`` the elected sign is ``sign(v_t)`` instead (the task model's most important
-      entries cannot be outvoted);
+      TIES-SV: let ``P`` be the top ``int(slack * numel)`` entries of ``|tau_t|`` (t =
+      ``task_index``; same tie rule as trimming, so ``P`` lies inside the kept set since
+      slack <= d_t); on ``P`` where ``v_t != 0`` the elected sign is ``sign(v_t)`` instead (the
+      task model's most important entries cannot be outvoted);
       ``mask_i = sign(v_i) == gamma``; ``m = sum_i v_i mask_i``; ``D = sum_i w_i mask_i``
       (1 where 0).
     - ``out = base + lambda * (m / D if normalize else m)``, cast to the base dtype.
@@ -156,41 +238,102 @@ def generalized_task_arithmetic(
     ``slack == 0`` leaves ``gamma`` untouched, so ties_sv equals ties bit for bit.
     """
     b = base.float()
-    mixed = torch.zeros_like(b)
-    divisor = torch.zeros_like(b)
+    n = len(tensors)
+    weighted = []
+    for i, x in enumerate(tensors):
+        tau = x.float() - b
+        trimmed = sparsify(tau, densities[i], sparsification, rescale=rescale,
+                           gamma=gammas[i] if gammas else 0.01,
+                           epsilon=epsilons[i] if epsilons else 0.15,
+                           generator=generators[i] if generators else None)
+        weighted.append(trimmed * weights[i])
+    # Sums run model by model in order, exactly as the streaming kernels do.
+    total = weighted[0].clone()
+    for v in weighted[1:]:
+        total += v
     if consensus is Consensus.NONE:
-        for x, w, d in zip(tensors, weights, densities, strict=True):
-            mixed.add_(sparsify(x.float() - b, d, sparsification, rescale=rescale), alpha=w)
-        divisor.fill_(sum(weights))
-        divisor[divisor.abs() < 1e-8] = 1
-    else:
-        weighted = [
-            sparsify(x.float() - b, d, sparsification, rescale=rescale) * w
-            for x, w, d in zip(tensors, weights, densities, strict=True)
-        ]
-        elected = elect_sign(weighted, consensus)
+        mixed = total
+        divisor: Tensor | float = float(sum(weights))
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    elif consensus is Consensus.SUM:
+        positive = total >= 0  # a zero total elects +, as mergekit's get_mask
         if task_index is not None and slack > 0:
             task = weighted[task_index]
-            protected = topk_mask(task.abs(), int(slack * task.numel())) & (task != 0)
-            elected = torch.where(protected, task.sign(), elected)
-        for v, w in zip(weighted, weights, strict=True):
-            agree = v.sign() == elected  # zeros (trimmed entries) never agree
-            mixed.add_(v * agree)
-            divisor.add_(agree.float(), alpha=w)
+            tau_t = tensors[task_index].float() - b
+            protected = topk_mask(tau_t.abs(), int(slack * tau_t.numel())) & (task != 0)
+            positive = torch.where(protected, task > 0, positive)
+        mixed = torch.zeros_like(b)
+        divisor = torch.zeros_like(b)
+        for i in range(n):
+            v = weighted[i]
+            agree = torch.where(positive, v > 0, v < 0)  # zeros (trimmed entries) never agree
+            mixed += v * agree
+            divisor += agree * weights[i]
         divisor[divisor == 0] = 1
+    else:
+        raise NotImplementedError(f"consensus {consensus.value!r} is not implemented")
     if normalize:
-        mixed /= divisor
+        mixed = mixed / divisor
     if lam != 1:
-        mixed *= lam
+        mixed = mixed * lam
     return (b + mixed).to(base.dtype)
 
 
-def elect_sign(weighted: Sequence[Tensor], consensus: Consensus) -> Tensor:
-    """The elected sign (+1/-1 per entry); a zero total goes to +1 (mergekit's get_mask)."""
-    if consensus is Consensus.SUM:
-        total = torch.stack(list(weighted)).sum(dim=0)
-        return torch.where(total >= 0, 1.0, -1.0)
-    raise NotImplementedError(f"consensus {consensus.value!r} is not implemented")
+def slerp(base: Tensor, tensors: Sequence[Tensor], *, t: float, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation (Shoemake 1985) of the whole tensor, ``t`` from the first model
+    to the second (from the base to the model given one); linear when nearly collinear."""
+    v0, v1 = (base, tensors[0]) if len(tensors) == 1 else (tensors[0], tensors[1])
+    a, c = v0.float().reshape(-1), v1.float().reshape(-1)
+    norm_a, norm_c = torch.linalg.vector_norm(a), torch.linalg.vector_norm(c)
+    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
+    norm_c = norm_c if norm_c > eps else torch.ones_like(norm_c)
+    dot = float(((a / norm_a) * (c / norm_c)).sum().clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        coef_a, coef_c = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        coef_a = math.sin((1 - t) * theta) / math.sin(theta)
+        coef_c = math.sin(t * theta) / math.sin(theta)
+    return (coef_a * a + coef_c * c).reshape(base.shape).to(base.dtype)
+
+
+def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool) -> Tensor:
+    """Model stock (Jang et al. 2024): ``w = t * mean_i x_i + (1 - t) * b`` with
+    ``t = N cos / (1 + (N - 1) cos)``, ``cos`` the mean pairwise cosine of the task vectors
+    (per row with ``filter_wise``); the base where the denominator vanishes."""
+    if len(tensors) < 2:
+        raise ValueError("model_stock needs at least two models besides the base")
+    w0 = base.float()
+    ws = [x.float() for x in tensors]
+    shape = w0.shape
+    if filter_wise:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1:]:
+            norms = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
+            cosines.append(((oa * ob).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    ratio = torch.where(singular, torch.zeros_like(cos),
+                        count * cos / torch.where(singular, torch.ones_like(cos), denominator))
+    average = sum(ws) / count
+    return (ratio * average + (1 - ratio) * w0).reshape(shape).to(base.dtype)
+
+
+def tensor_generator(seed: int, tensor_name: str, model_index: int,
+                     device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded by (seed, tensor, model): reproducible in any tensor order."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +357,7 @@ class ParamSpec:
     name: str
     arg: str
     default: Any
-    kind: type  # bool or float
+    kind: type  # bool, int or float
     check: Callable[[float], bool] = lambda _: True
     accepted: str = "a number"
 
@@ -228,6 +371,11 @@ class ParamSpec:
             if not isinstance(value, bool):
                 raise ValueError(f"merge parameter {self.name!r} {where} must be true or false, "
                                  f"got {value!r}")
+            return value
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or not self.check(value):
+                raise ValueError(f"merge parameter {self.name!r} {where} must be "
+                                 f"{self.accepted}, got {value!r}")
             return value
         # bool is an int subclass: refuse it for numbers so `density: true` is caught.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -257,6 +405,12 @@ def _flag(name: str, default: bool) -> ParamSpec:
     return ParamSpec(name, name, default, bool)
 
 
+_SEED = ParamSpec("seed", "seed", 0, int, lambda v: v >= 0, "a non-negative integer")
+_GAMMA = ParamSpec("gamma", "gammas", 0.01, float, lambda v: 0 <= v < 1, "in [0, 1)")
+_EPSILON = ParamSpec("epsilon", "epsilons", 0.15, float, lambda v: 0 <= v < 1, "in [0, 1)")
+_SLACK = ParamSpec("slack", "slack", REQUIRED, float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered method: a pure kernel plus the parameters it takes from a recipe.
@@ -273,53 +427,90 @@ class MergeMethod:
     model_params: tuple[ParamSpec, ...]
     fixed: Mapping[str, Any] = field(default_factory=dict)
     needs_task_model: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    mergekit: bool = True  # mergekit 0.1.5 has a method of this name and semantics
+
+    @property
+    def random(self) -> bool:
+        return any(p.name == "seed" for p in self.params)
 
     def __call__(self, base: Tensor, tensors: Sequence[Tensor], params: Mapping[str, Any],
                  model_params: Sequence[Mapping[str, Any]],
-                 task_index: int | None = None) -> Tensor:
-        """Merge one tensor; ``params``/``model_params`` are resolved (see resolve_merge_spec)."""
+                 task_index: int | None = None, tensor_name: str = "") -> Tensor:
+        """Merge one tensor; ``params``/``model_params`` are resolved (see resolve_merge_spec).
+
+        ``tensor_name`` seeds the random methods (with the recipe's ``seed``)."""
         if not base.is_floating_point():
             return base.clone()
         kwargs: dict[str, Any] = dict(self.fixed)
         for spec in self.params:
-            kwargs[spec.arg] = params[spec.name]
+            if spec.name != "seed":
+                kwargs[spec.arg] = params[spec.name]
         for spec in self.model_params:
             kwargs[spec.arg] = [m[spec.name] for m in model_params]
         if self.needs_task_model:
             kwargs["task_index"] = task_index
+        if self.random:
+            kwargs["generators"] = [tensor_generator(params["seed"], tensor_name, i)
+                                    for i in range(len(tensors))]
         return self.kernel(base, tensors, **kwargs)
 
 
 def _gta(name: str, reference: str, sparsification: Sparsification, consensus: Consensus,
-         normalize: bool, rescale: bool, *extra: ParamSpec,
-         needs_task_model: bool = False) -> MergeMethod:
+         normalize: bool, rescale: bool, *extra: ParamSpec, needs_task_model: bool = False,
+         mergekit: bool = True) -> MergeMethod:
+    model_extra: tuple[ParamSpec, ...] = ()
+    if sparsification is Sparsification.MAGNITUDE_OUTLIERS:
+        model_extra = (_GAMMA,)
+    elif sparsification is Sparsification.DELLA_MAGPRUNE:
+        model_extra = (_EPSILON,)
+    if sparsification in (Sparsification.RANDOM, Sparsification.DELLA_MAGPRUNE):
+        extra = (*extra, _SEED)
     return MergeMethod(
         name=name,
         reference=reference,
         kernel=generalized_task_arithmetic,
         params=(_flag("normalize", normalize), _flag("rescale", rescale), _lambda(), *extra),
         # mergekit accepts density for every GTA method, even where nothing is sparsified.
-        model_params=(_weight(), _density()),
+        model_params=(_weight(), _density(), *model_extra),
         fixed={"sparsification": sparsification, "consensus": consensus},
         needs_task_model=needs_task_model,
+        mergekit=mergekit,
     )
 
 
-_SLACK = ParamSpec("slack", "slack", REQUIRED, float, lambda v: 0 <= v <= 1, "in [0, 1]")
-
+_S, _C = Sparsification, Consensus
 MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         MergeMethod("linear", "https://arxiv.org/abs/2203.05482", linear,
                     params=(_flag("normalize", True),), model_params=(_weight(),)),
-        _gta("task_arithmetic", "https://arxiv.org/abs/2212.04089",
-             Sparsification.NONE, Consensus.NONE, normalize=False, rescale=False),
-        _gta("ties", "https://arxiv.org/abs/2306.01708",
-             Sparsification.MAGNITUDE, Consensus.SUM, normalize=True, rescale=False),
+        _gta("task_arithmetic", "https://arxiv.org/abs/2212.04089", _S.NONE, _C.NONE,
+             normalize=False, rescale=False),
+        _gta("ties", "https://arxiv.org/abs/2306.01708", _S.MAGNITUDE, _C.SUM,
+             normalize=True, rescale=False),
         _gta("ties_sv", "Tao et al. 2024, Unlocking the Potential of Model Merging for "
-             "Low-Resource Languages (EMNLP Findings)",
-             Sparsification.MAGNITUDE, Consensus.SUM, True, False, _SLACK,
-             needs_task_model=True),
+             "Low-Resource Languages (EMNLP Findings), https://arxiv.org/abs/2407.03994",
+             _S.MAGNITUDE, _C.SUM, True, False, _SLACK, needs_task_model=True, mergekit=False),
+        _gta("dare_ties", "https://arxiv.org/abs/2311.03099", _S.RANDOM, _C.SUM,
+             normalize=False, rescale=True),
+        _gta("dare_linear", "https://arxiv.org/abs/2311.03099", _S.RANDOM, _C.NONE,
+             normalize=False, rescale=True),
+        _gta("breadcrumbs", "https://arxiv.org/abs/2312.06795", _S.MAGNITUDE_OUTLIERS, _C.NONE,
+             normalize=False, rescale=False),
+        _gta("breadcrumbs_ties", "https://arxiv.org/abs/2312.06795", _S.MAGNITUDE_OUTLIERS,
+             _C.SUM, normalize=False, rescale=False),
+        _gta("della", "https://arxiv.org/abs/2406.11617", _S.DELLA_MAGPRUNE, _C.SUM,
+             normalize=True, rescale=True),
+        _gta("della_linear", "https://arxiv.org/abs/2406.11617", _S.DELLA_MAGPRUNE, _C.NONE,
+             normalize=False, rescale=True),
+        MergeMethod("slerp", "https://en.wikipedia.org/wiki/Slerp", slerp,
+                    params=(ParamSpec("t", "t", REQUIRED, float, lambda v: 0 <= v <= 1,
+                                      "in [0, 1]"),),
+                    model_params=(), max_models=2),
+        MergeMethod("model_stock", "https://arxiv.org/abs/2403.19522", model_stock,
+                    params=(_flag("filter_wise", False),), model_params=(), min_models=2),
     )
 }
 
@@ -354,12 +545,18 @@ def resolve_merge_spec(method: str, params: Mapping[str, Any],
     for key in params:
         if key not in known:
             raise ValueError(f"merge method {method!r} has no parameter {key!r}; "
-                             f"accepted: {', '.join(sorted(known))}")
+                             f"accepted: {', '.join(sorted(known)) or 'none'}")
     where = f"(method {method!r})"
     resolved = {p.name: p.resolve(params.get(p.name, REQUIRED), where) for p in spec.params}
 
     if not models:
         raise ValueError(f"merge method {method!r} needs at least one model")
+    if len(models) < spec.min_models:
+        raise ValueError(f"merge method {method!r} needs at least {spec.min_models} models, "
+                         f"got {len(models)}")
+    if spec.max_models is not None and len(models) > spec.max_models:
+        raise ValueError(f"merge method {method!r} takes at most {spec.max_models} models, "
+                         f"got {len(models)}")
     model_known = {p.name for p in spec.model_params}
     per_model: list[dict[str, Any]] = []
     task_index: int | None = None
@@ -370,7 +567,8 @@ def resolve_merge_spec(method: str, params: Mapping[str, Any],
         for key in model:
             if key not in model_known and key not in MODEL_METADATA_KEYS:
                 raise ValueError(f"merge model #{i}: method {method!r} has no per-model "
-                                 f"parameter {key!r}; accepted: {', '.join(sorted(model_known))}")
+                                 f"parameter {key!r}; accepted: "
+                                 f"{', '.join(sorted(model_known)) or 'none'}")
         role = model.get("role")
         if role not in ROLES:
             raise ValueError(f"merge model #{i} role must be one of {ROLES}, got {role!r}")
@@ -392,6 +590,11 @@ def resolve_merge_spec(method: str, params: Mapping[str, Any],
             # The protected entries are drawn from the trimmed task vector.
             raise ValueError(f"merge parameter 'slack' ({resolved['slack']}) must not exceed "
                              f"the sft model's density ({density})")
+    for i, m in enumerate(per_model):
+        if "epsilon" in m and m["density"] < 1 and not (
+                0 < m["density"] - m["epsilon"] and m["density"] + m["epsilon"] < 1):
+            raise ValueError(f"merge model #{i}: 'density' {m['density']} +/- 'epsilon' "
+                             f"{m['epsilon']} must stay inside (0, 1) (method {method!r})")
     return resolved, per_model, task_index
 
 
@@ -444,16 +647,16 @@ def delta_diagnostics(ct_deltas: Sequence[Tensor], sft_delta: Tensor | None,
 
     - sign_conflict: over (CT model, entry) pairs where the CT and SFT deltas are both nonzero,
       the fraction of opposite sign.
-    - sft_topk_mass_kept: of the SFT delta's top ``int(density * numel)`` entries by magnitude
-      (its TIES-kept set), the fraction of their |delta| mass at entries where the merged delta
-      is nonzero with the SFT sign.
+    - sft_topk_mass_kept: of the SFT delta's top ``max(1, int(density * numel))`` entries by
+      magnitude (its TIES-kept set), the fraction of their |delta| mass at entries where the
+      merged delta is nonzero with the SFT sign.
     - sft_dropped: fraction of nonzero SFT entries where the merged delta is zero or of the
       opposite sign.
     - trimmed: of the entries some input changed, the fraction the merge left at the base value.
     """
     merged = merged_delta.float()
     counts = DiagnosticCounts()
-    any_change = torch.zeros(merged.shape, dtype=torch.bool)
+    any_change = torch.zeros(merged.shape, dtype=torch.bool, device=merged.device)
     for delta in [*ct_deltas, *([sft_delta] if sft_delta is not None else [])]:
         any_change |= delta != 0
     counts.touched = int(any_change.count_nonzero())
@@ -461,14 +664,15 @@ def delta_diagnostics(ct_deltas: Sequence[Tensor], sft_delta: Tensor | None,
     if sft_delta is None:
         return counts
     sft = sft_delta.float()
-    sft_sign = sft.sign()
     for ct in ct_deltas:
-        both = (ct != 0) & (sft != 0)
-        counts.both_nonzero += int(both.count_nonzero())
-        counts.conflicts += int((both & (ct.float().sign() != sft_sign)).count_nonzero())
-    kept = (merged.sign() == sft_sign) & (sft != 0)
+        # The sign of a product is the sign comparison (barring fp32 underflow, as the kernels).
+        product = ct.float() * sft
+        counts.both_nonzero += int((product != 0).count_nonzero())
+        counts.conflicts += int((product < 0).count_nonzero())
+    kept = merged * sft > 0
     magnitude = sft.abs()
-    top = topk_mask(magnitude, int(density * sft.numel()))
+    k = topk_count(density, sft.numel()) if density < 1 else sft.numel()
+    top = topk_mask(magnitude, k)
     counts.topk_mass = float(torch.where(top, magnitude, 0).sum(dtype=torch.float64))
     counts.topk_mass_kept = float(torch.where(top & kept, magnitude, 0).sum(dtype=torch.float64))
     counts.sft_nonzero = int(sft.count_nonzero())
