@@ -43,7 +43,8 @@ rule pretrain:
         mem_mb=get_resource("pretrain", "mem_mb"),
         gpu=get_resource("pretrain", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.train pretrain --recipe {params.recipe:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --threads {threads}"
+        " -- workflow.train pretrain --recipe {params.recipe:q} {params.args}"
         " --out {output} --threads {threads} > {log} 2>&1"
 
 

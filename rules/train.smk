@@ -1,4 +1,8 @@
 # Training: SFT of the base, CT per language and budget, and the CT-then-SFT baseline.
+# workflow.launch leases resources.gpu device ids (lock files; SLURM's allocation as is) and
+# starts one process per GPU (torchrun when more than one). Checkpoints go to a work dir beside
+# the output (<parent>/.<name>.work), which is deliberately no output: Snakemake never deletes
+# it, so a failed or killed job resumes from its last checkpoint when rerun.
 
 
 rule sft:
@@ -20,7 +24,8 @@ rule sft:
         mem_mb=get_resource("sft", "mem_mb"),
         gpu=get_resource("sft", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.train sft --recipe {params.recipe:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --threads {threads}"
+        " -- workflow.train sft --recipe {params.recipe:q} {params.args}"
         " --out {output} --threads {threads} > {log} 2>&1"
 
 
@@ -43,7 +48,8 @@ rule ct:
         mem_mb=get_resource("ct", "mem_mb"),
         gpu=get_resource("ct", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.train ct --recipe {params.recipe:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --threads {threads}"
+        " -- workflow.train ct --recipe {params.recipe:q} {params.args}"
         " --out {output} --threads {threads} > {log} 2>&1"
 
 
@@ -66,5 +72,6 @@ rule ctsft:
         mem_mb=get_resource("sft", "mem_mb"),
         gpu=get_resource("sft", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.train sft --recipe {params.recipe:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --threads {threads}"
+        " -- workflow.train sft --recipe {params.recipe:q} {params.args}"
         " --out {output} --threads {threads} > {log} 2>&1"

@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workflow.artifacts import read_json
-from workflow.merge import MERGE_METHODS, METHOD_PARAMS, merge_models, validate_merge_spec
 from workflow.merge.__main__ import main as merge_main
+from workflow.merge.engine import merge_models
 from workflow.merge.methods import (
     DIAGNOSTIC_KEYS,
+    MERGE_METHODS,
+    METHOD_PARAMS,
     Consensus,
     Sparsification,
     aggregate_diagnostics,
@@ -25,6 +27,7 @@ from workflow.merge.methods import (
     linear,
     magnitude_trim,
     topk_mask,
+    validate_merge_spec,
 )
 
 T = torch.tensor

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, set_seed
 
 from workflow import models, train
@@ -334,3 +335,82 @@ def test_token_ids_outside_vocab_are_rejected(chain, tmp_path):
             ]
         )
     assert not (tmp_path / "out").exists()
+
+
+def run_ct(chain, out: Path, train_overrides: dict, *extra: str, **params) -> dict:
+    ct_recipe = recipe("ct", train={**TRAIN, "epochs": 3, "grad_accum": 2, **train_overrides})
+    ct_recipe["params"].update(params)
+    train.main(
+        [
+            "ct",
+            "--recipe",
+            json.dumps(ct_recipe),
+            "--model",
+            str(chain["pretrain"]),
+            "--data",
+            str(chain["es_tokens"]),
+            "--out",
+            str(out),
+            "--threads",
+            "2",
+            *extra,
+        ]
+    )
+    return read_json(out / "metrics.json")
+
+
+def test_gradient_checkpointing_gives_the_same_weights(chain, tmp_path):
+    run_ct(chain, tmp_path / "gc", {"gradient_checkpointing": True})
+    plain = load_file(chain["ct"] / "model.safetensors")
+    checkpointed = load_file(tmp_path / "gc" / "model.safetensors")
+    for name, tensor in plain.items():
+        torch.testing.assert_close(checkpointed[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_lora_is_folded_into_full_weights(chain, tmp_path):
+    pytest.importorskip("peft")
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    metrics = run_ct(chain, tmp_path / "lora", {"lora": lora, "lr": 2e-2, "epochs": 1})
+    assert metrics["tokens_trained"] == 997
+    base = load_file(chain["pretrain"] / "model.safetensors")
+    tuned = load_file(tmp_path / "lora" / "model.safetensors")
+    assert tuned.keys() == base.keys()  # plain Llama weights: no adapter tensors left
+    changed = {name for name in base if not torch.equal(base[name], tuned[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora", trust_remote_code=False)
+    data = blocks([chain["es_tokens"]], chain["tokenizer"])
+    assert mean_loss(tmp_path / "lora", data) < mean_loss(chain["pretrain"], data)
+    assert model.num_parameters() == LlamaForCausalLM.from_pretrained(
+        chain["pretrain"]
+    ).num_parameters()
+
+
+def test_replay_is_interleaved_and_counted_apart(chain, tmp_path):
+    replay_dir = chain["en_tokens"][0]  # 1001 English tokens
+    flags = ("--replay", str(replay_dir))
+    metrics = run_ct(chain, tmp_path / "replay", {"epochs": 1}, *flags, replay={"share": 0.2})
+    assert metrics["tokens_budget"] == 997 and metrics["tokens_trained"] == 997
+    assert metrics["replay_tokens_budget"] == train.replay_tokens_for(997, 0.2) == 249
+    assert metrics["replay_tokens_trained"] == 249
+    mixed = train.Interleaved([{"x": "t"}] * 8, [{"x": "r"}] * 2)
+    order = [mixed[i] for i in range(len(mixed))]
+    assert "".join(item["x"] for item in order) == "ttttrttttr"
+    assert [item.get("source", 0) for item in order] == [0, 0, 0, 0, 1] * 2
+    with pytest.raises(SystemExit, match="needs 1,495"):
+        run_ct(chain, tmp_path / "short", {}, "--replay", str(replay_dir), replay={"share": 0.6})
+    with pytest.raises(SystemExit, match="go together"):
+        run_ct(chain, tmp_path / "none", {}, replay={"share": 0.2})
+
+
+def test_new_train_params_are_checked():
+    assert train.train_params({"train": TRAIN})["bf16"] == "auto"
+    with pytest.raises(ValueError, match="save_steps"):
+        train.train_params({"train": {**TRAIN, "save_steps": 0}})
+    with pytest.raises(ValueError, match="bf16"):
+        train.train_params({"train": {**TRAIN, "bf16": "yes"}})
+    with pytest.raises(ValueError, match="lora key"):
+        train.train_params({"train": {**TRAIN, "lora": {"rank": 4}}})
+    with pytest.raises(ValueError, match="fsdp"):
+        train.train_params({"train": {**TRAIN, "lora": {}, "fsdp": "full_shard auto_wrap"}})
+    with pytest.raises(ValueError, match="share"):
+        train.replay_params({"replay": {"share": 1.0}})

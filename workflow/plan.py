@@ -29,7 +29,7 @@ STAGE_VERSIONS = {
     "import_gguf": "1",
     "sft": "1",
     "ct": "1",
-    "merge": "1",
+    "merge": "2",
     "evaluate": "1",
 }
 

@@ -313,15 +313,15 @@ def select_sft_records(
 class Interleaved(torch.utils.data.Dataset):
     """Target and replay blocks, spread evenly: item order is fixed by the two lengths alone.
 
-    Each block sits at the midpoint of its slot in its own source, (k + 0.5) / n; merging the
-    two by that key (target first on ties) gives a 4:1 mix as t t t t r t t t t r ... Replay
+    Block k of a source of n blocks gets the key (k + 1) / n; merging the two sources by that
+    key (target first on ties) gives a 4:1 mix as t t t t r t t t t r ... Replay
     items carry ``source`` 1 so that their tokens are counted apart.
     """
 
     def __init__(self, target: Any, replay: Any) -> None:
         self.target, self.replay = target, replay
-        keyed = [((k + 0.5) / len(target), 0, k) for k in range(len(target))]
-        keyed += [((k + 0.5) / len(replay), 1, k) for k in range(len(replay))]
+        keyed = [((k + 1) / len(target), 0, k) for k in range(len(target))]
+        keyed += [((k + 1) / len(replay), 1, k) for k in range(len(replay))]
         self.order = [(source, k) for _, source, k in sorted(keyed)]
 
     def __len__(self) -> int:

@@ -3,34 +3,61 @@
     python -m workflow.merge --recipe '<json>' --base BASE_DIR \
         --models CT_DIR [...] SFT_DIR --out OUT_DIR
 
-``--models`` are given in the order of the recipe's "models" list.
+A sweep (several variants over the same inputs, one pass):
+
+    python -m workflow.merge --recipes '[<json>, <json>, ...]' --base BASE_DIR \
+        --models CT_DIR [...] SFT_DIR --outs OUT_DIR OUT_DIR ...
+
+``--models`` are given in the order of the recipes' "models" lists.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 from workflow.artifacts import parse_recipe_arg
-from workflow.merge.engine import DEFAULT_MAX_SHARD_BYTES, merge_models
+from workflow.merge.engine import DEFAULT_MAX_SHARD_BYTES, merge_many
+
+
+def _recipe_list(text: str) -> list[dict]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not value:
+        raise ValueError("--recipes must be a non-empty JSON list of recipe objects")
+    return [parse_recipe_arg(json.dumps(item)) for item in value]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workflow.merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, type=parse_recipe_arg,
-                        help="the merged artifact's recipe, as JSON")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--recipe", type=parse_recipe_arg,
+                       help="the merged artifact's recipe, as JSON")
+    which.add_argument("--recipes", type=_recipe_list,
+                       help="a JSON list of recipes over the same inputs (a sweep)")
     parser.add_argument("--base", required=True, type=Path, help="base model directory")
     parser.add_argument("--models", required=True, nargs="+", type=Path,
                         help="model directories, in the recipe's 'models' order")
-    parser.add_argument("--out", required=True, type=Path, help="output model directory")
+    outs = parser.add_mutually_exclusive_group(required=True)
+    outs.add_argument("--out", type=Path, help="output model directory (with --recipe)")
+    outs.add_argument("--outs", nargs="+", type=Path,
+                      help="output directories, one per recipe of --recipes")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
                         help="largest safetensors shard to write (default: %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for the math (default: cuda when present, else cpu)")
+    parser.add_argument("--no-diagnostics", action="store_true",
+                        help="skip diagnostics.json (faster)")
     args = parser.parse_args(argv)
+    recipes = [args.recipe] if args.recipe is not None else args.recipes
+    out_dirs = [args.out] if args.out is not None else args.outs
+    if len(recipes) != len(out_dirs):
+        parser.error(f"{len(recipes)} recipes but {len(out_dirs)} output directories")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    merge_models(args.recipe, args.base, args.models, args.out,
-                 max_shard_bytes=args.max_shard_bytes)
+    merge_many(recipes, args.base, args.models, out_dirs, max_shard_bytes=args.max_shard_bytes,
+               device=args.device, diagnostics=not args.no_diagnostics)
 
 
 if __name__ == "__main__":

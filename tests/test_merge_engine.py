@@ -1,0 +1,195 @@
+"""Merge engine features: streaming kernels equal the reference methods bit for bit, sweeps in
+one pass, extended vocabularies, tied embeddings, merge-on-load, every method end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from workflow.artifacts import read_json
+from workflow.merge.__main__ import main as merge_main
+from workflow.merge.engine import load_merged_model, merge_models
+from workflow.merge.kernels import stream_merge, stream_plan
+from workflow.merge.methods import MERGE_METHODS, resolve_merge_spec
+
+KERNEL_CASES = [
+    ("ties", {"lambda": 0.8}, [{"role": "ct", "density": 0.5}, {"role": "ct", "density": 0.9},
+                               {"role": "sft", "density": 0.3, "weight": 1.3}]),
+    ("ties_sv", {"slack": 0.2}, [{"role": "ct", "density": 0.5}, {"role": "sft", "density": 0.3}]),
+    ("ties_sv", {"slack": 0.1}, [{"role": "ct", "density": 0.5}, {"role": "sft"}]),
+    ("task_arithmetic", {"lambda": 0.6}, [{"role": "ct", "weight": 0.5}, {"role": "sft"}]),
+    ("linear", {}, [{"role": "ct", "weight": 0.25}, {"role": "sft", "weight": 0.75}]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("method", "params", "models"), KERNEL_CASES)
+def test_streaming_kernel_equals_reference(dtype, method, params, models):
+    gen = torch.Generator().manual_seed(5)
+    n = 120_007  # several chunks of 10k: the sampled-band threshold path
+    base = torch.randn(n, generator=gen).to(dtype)
+    # bf16 deltas of a few ulps: huge tie groups at the top-k threshold
+    xs = [(base.float() + 0.002 * torch.randn(n, generator=gen)).to(dtype) for _ in models]
+    spec = MERGE_METHODS[method]
+    resolved, per_model, task = resolve_merge_spec(method, params, models)
+    expected = spec(base, xs, resolved, per_model, task)
+    plan = stream_plan(spec, resolved, per_model, task)
+    assert plan is not None
+    lams = [resolved.get("lambda", 1.0), 0.5]
+    outs = [torch.empty(n, dtype=dtype) for _ in lams]
+    stream_merge(plan, base, xs, outs, lams, chunk=10_000)
+    assert torch.equal(outs[0], expected)
+    if method != "linear":
+        other = spec(base, xs, {**resolved, "lambda": 0.5}, per_model, task)
+        assert torch.equal(outs[1], other)
+
+
+# ---------------------------------------------------------------- tiny checkpoints
+
+
+def _save(directory: Path, seed: int, *, vocab: int = 64, tied: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if seed:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.02)
+    model.save_pretrained(directory, safe_serialization=True)
+    _tokenizer(vocab).save_pretrained(directory)
+    return directory
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="w1")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    return {"base": _save(root / "base", 0), "ct": _save(root / "ct", 1),
+            "sft": _save(root / "sft", 2), "ct_big": _save(root / "ct_big", 3, vocab=80),
+            "root": root}
+
+
+def _recipe(method: str, params: dict, ct: dict | None = None, sft: dict | None = None):
+    return {"stage": "merge", "version": "1", "method": method, "params": params, "base": "b",
+            "models": [{"role": "ct", **(ct or {})}, {"role": "sft", **(sft or {})}]}
+
+
+ALL = {
+    "linear": ({}, {}, {}),
+    "task_arithmetic": ({"lambda": 0.9}, {}, {}),
+    "ties": ({}, {"density": 0.5}, {"density": 0.5}),
+    "ties_sv": ({"slack": 0.2}, {"density": 0.5}, {"density": 0.5}),
+    "dare_ties": ({"seed": 3}, {"density": 0.5}, {"density": 0.5}),
+    "dare_linear": ({}, {"density": 0.5}, {"density": 0.7}),
+    "breadcrumbs": ({}, {"density": 0.5}, {"density": 0.5}),
+    "breadcrumbs_ties": ({}, {"density": 0.5}, {"density": 0.5, "gamma": 0.05}),
+    "della": ({}, {"density": 0.5}, {"density": 0.5}),
+    "della_linear": ({}, {"density": 0.5, "epsilon": 0.1}, {"density": 0.5}),
+    "slerp": ({"t": 0.4}, {}, {}),
+    "model_stock": ({}, {}, {}),
+}
+
+
+def test_every_method_end_to_end(ckpts, tmp_path):
+    assert set(ALL) == set(MERGE_METHODS)
+    base = load_file(ckpts["base"] / "model.safetensors")
+    for method, (params, ct, sft) in ALL.items():
+        out = tmp_path / method
+        merge_models(_recipe(method, params, ct, sft), ckpts["base"],
+                     [ckpts["ct"], ckpts["sft"]], out)
+        merged = load_file(out / "model.safetensors")
+        assert merged.keys() == base.keys()
+        assert all(torch.isfinite(t).all() for t in merged.values()), method
+        assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
+                               base["model.layers.0.mlp.up_proj.weight"]), method
+        assert (out / "mergekit.yaml").is_file() == (method != "ties_sv")
+        assert "```json" in (out / "README.md").read_text()
+        assert set(read_json(out / "diagnostics.json")["overall"]) >= {"sign_conflict"}
+
+
+def test_random_methods_are_seeded(ckpts, tmp_path):
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        merge_models(_recipe("dare_ties", {"seed": seed}, {"density": 0.5}, {"density": 0.5}),
+                     ckpts["base"], [ckpts["ct"], ckpts["sft"]], tmp_path / name)
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(runs["a"][key], runs["b"][key])
+    assert not torch.equal(runs["a"][key], runs["c"][key])
+
+
+def test_sweep_in_one_pass_equals_separate_merges(ckpts, tmp_path):
+    recipes = [_recipe("ties", {"lambda": lam}, {"density": 0.5}, {"density": 0.4})
+               for lam in (0.5, 1.0)]
+    recipes.append(_recipe("ties", {}, {"density": 0.3}, {"density": 0.3}))
+    outs = [tmp_path / f"sweep{i}" for i in range(3)]
+    merge_main(["--recipes", json.dumps(recipes), "--base", str(ckpts["base"]),
+                "--models", str(ckpts["ct"]), str(ckpts["sft"]),
+                "--outs", *map(str, outs)])
+    for i, recipe in enumerate(recipes):
+        single = tmp_path / f"single{i}"
+        merge_models(recipe, ckpts["base"], [ckpts["ct"], ckpts["sft"]], single)
+        a = load_file(outs[i] / "model.safetensors")
+        b = load_file(single / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert read_json(outs[i] / "recipe.json")["recipe"] == recipe
+        assert read_json(outs[i] / "diagnostics.json") == read_json(single / "diagnostics.json")
+
+
+def test_extended_vocabulary_rows_come_from_the_model_that_has_them(ckpts, tmp_path):
+    out = tmp_path / "merged"
+    merge_models(_recipe("ties", {}, {"density": 0.5}, {"density": 0.5}), ckpts["base"],
+                 [ckpts["ct_big"], ckpts["sft"]], out)
+    merged = load_file(out / "model.safetensors")
+    big = load_file(ckpts["ct_big"] / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert merged[name].shape == (80, 32)
+        assert torch.equal(merged[name][64:], big[name][64:])
+    assert read_json(out / "config.json")["vocab_size"] == 80
+    assert len(read_json(out / "tokenizer.json")["model"]["vocab"]) == 80
+    # the other order: a base with more rows than a model is never cropped
+    with pytest.raises(ValueError, match=r"'(lm_head|model\.embed_tokens)\.weight' .*cropped"):
+        merge_models(_recipe("ties", {}, {"density": 0.5}, {"density": 0.5}), ckpts["ct_big"],
+                     [ckpts["ct"], ckpts["sft"]], tmp_path / "bad")
+
+
+def test_shape_mismatch_in_another_dim_names_the_tensor(ckpts, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = load_file(ckpts["sft"] / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 33)
+    save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_text((ckpts["sft"] / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' has shape"):
+        merge_models(_recipe("linear", {}), ckpts["base"], [ckpts["ct"], bad], tmp_path / "o")
+
+
+def test_load_merged_model_equals_the_written_checkpoint(ckpts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe("ties_sv", {"slack": 0.1}, {"density": 0.5}, {"density": 0.5})
+    merge_models(recipe, ckpts["base"], [ckpts["ct"], ckpts["sft"]], tmp_path / "m")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=False)
+    model, tokenizer = load_merged_model(recipe, ckpts["base"], [ckpts["ct"], ckpts["sft"]])
+    ids = tokenizer("w3 w4 w5", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, written(**ids).logits)
+    assert not list(Path(ckpts["root"]).glob("**/.m.tmp-*"))
