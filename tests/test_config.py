@@ -65,3 +65,11 @@ def test_validation_does_not_modify_its_input():
     config = tiny_config()
     validate_config(config, PROJECT)
     assert config == tiny_config()
+
+
+def test_per_language_ct_overrides_are_checked_like_ct_train():
+    bad = with_changes(tiny_config(), lambda c: c["languages"]["eu"].update(ct_train={"lora": 3}))
+    with pytest.raises(ConfigError, match=r"languages\.eu\.ct_train\.lora"):
+        validate_config(bad, PROJECT)
+    good = with_changes(tiny_config(), lambda c: c["languages"]["eu"].update(ct_train={"lr": 2e-3}))
+    validate_config(good, PROJECT)

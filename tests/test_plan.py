@@ -71,3 +71,14 @@ def test_external_files_are_hashed_once(tmp_path):
     mtime = cache.stat().st_mtime_ns
     plan_of(tiny_config(), tmp_path)
     assert cache.stat().st_mtime_ns == mtime  # nothing new to hash, nothing rewritten
+
+
+def test_ct_replay_adds_a_prepared_english_share_to_every_ct(tmp_path):
+    config = with_changes(
+        tiny_config(), lambda c: c["ct"].update(replay={"corpus": "en", "share": 0.2})
+    )
+    plan = plan_of(config, tmp_path)
+    cts = [a for a in plan.by_key.values() if a.rule == "ct"]
+    replay_paths = {a.inputs["replay"] for a in cts}
+    assert len(replay_paths) == 1 and "/en/500/" in replay_paths.pop()  # 2000 * 0.2 / 0.8
+    assert all(a.recipe["params"]["replay"] == {"share": 0.2} for a in cts)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from workflow import models, train
 from workflow.artifacts import read_json
+from workflow.data import replay_tokens_for
 from workflow.prompts import TOPIC_LABELS, topic_answer
 
 SEQ_LEN = 32
@@ -390,7 +391,7 @@ def test_replay_is_interleaved_and_counted_apart(chain, tmp_path):
     flags = ("--replay", str(replay_dir))
     metrics = run_ct(chain, tmp_path / "replay", {"epochs": 1}, *flags, replay={"share": 0.2})
     assert metrics["tokens_budget"] == 997 and metrics["tokens_trained"] == 997
-    assert metrics["replay_tokens_budget"] == train.replay_tokens_for(997, 0.2) == 249
+    assert metrics["replay_tokens_budget"] == replay_tokens_for(997, 0.2) == 249
     assert metrics["replay_tokens_trained"] == 249
     mixed = train.Interleaved([{"x": "t"}] * 8, [{"x": "r"}] * 2)
     order = [mixed[i] for i in range(len(mixed))]

@@ -132,6 +132,15 @@ def _check_cross_keys(config: dict[str, Any], workdir: Path) -> None:
     elif "hf" not in sft:
         raise ConfigError("config key 'sft.hf': required when sft.source is 'hf'")
 
+    replay = config["ct"]["replay"]
+    if replay:
+        need_corpus(replay["corpus"], "ct.replay.corpus")
+    train_schema = Draft202012Validator(load_schema()["$defs"]["train"])
+    for lang, spec in config["languages"].items():
+        merged = {**config["ct"]["train"], **spec.get("ct_train", {})}
+        for error in train_schema.iter_errors(merged):
+            where = ".".join(str(part) for part in error.absolute_path)
+            raise ConfigError(f"config key 'languages.{lang}.ct_train.{where}': {error.message}")
     for section, train in _train_sections(config):
         if train["min_lr"] > train["lr"]:
             raise ConfigError(f"config key '{section}.min_lr': must not exceed lr ({train['lr']})")

@@ -30,6 +30,11 @@ log = logging.getLogger("workflow.data")
 ENCODE_BATCH = 512
 
 
+def replay_tokens_for(budget: int, share: float) -> int:
+    """Replay tokens that make up ``share`` of all CT tokens next to ``budget`` target tokens."""
+    return round(budget * share / (1 - share))
+
+
 class BudgetError(ValueError):
     """The corpus holds fewer tokens than the budget asks for."""
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from workflow.artifacts import digest_of, sha256_file
 from workflow.config import OFFLINE_TASKS, resolve_path
+from workflow.data import replay_tokens_for
 
 # Bump a stage's version when its code changes what it writes: every artifact of that stage
 # (and everything downstream) gets a new digest and is rebuilt; old ones stay usable.
@@ -354,10 +355,19 @@ class Plan:
             "model": base.digest,
             "data": data.digest,
         }
+        inputs = {"model": base.path, "data": data.path}
+        replay = self.config["ct"]["replay"]
+        if replay:  # the target budget stays exact; replay tokens come on top
+            replay_data = self._prepare(
+                self.tokenizer, replay["corpus"], replay_tokens_for(tokens, replay["share"])
+            )
+            recipe["params"]["replay"] = {"share": replay["share"]}
+            recipe["replay"] = replay_data.digest
+            inputs["replay"] = replay_data.path
         artifact = self._add(
             "ct",
             recipe,
-            {"model": base.path, "data": data.path},
+            inputs,
             model=self.name,
             lang=lang,
             tokens=tokens,

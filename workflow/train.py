@@ -81,6 +81,7 @@ from workflow.artifacts import (
     write_recipe,
 )
 from workflow.corpus import read_corpus, split_records
+from workflow.data import replay_tokens_for
 from workflow.prompts import TOPIC_LABELS, topic_answer, topic_prompt
 
 log = logging.getLogger("workflow.train")
@@ -195,11 +196,6 @@ def replay_params(params: dict[str, Any]) -> float | None:
     if not isinstance(share, (int, float)) or not 0 < share < 1:
         raise ValueError(f"ct params: replay 'share' must be in (0, 1), got {share!r}")
     return float(share)
-
-
-def replay_tokens_for(budget: int, share: float) -> int:
-    """Replay tokens that make up ``share`` of all CT tokens next to ``budget`` target tokens."""
-    return round(budget * share / (1 - share))
 
 
 # --------------------------------------------------------------------------- data

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from workflow.merge.engine import ShardWriter
 from workflow.merge.mergekit_yaml import mergekit_yaml
@@ -32,10 +34,10 @@ from workflow.merge.mergekit_yaml import mergekit_yaml
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS = 2048, 5632, 16, 32000, 16
 
 
-def llama_layout() -> list[tuple[str, torch.dtype, tuple]]:
+def llama_layout(layers: int = LAYERS) -> list[tuple[str, torch.dtype, tuple]]:
     bf16 = torch.bfloat16
     layout = [("model.embed_tokens.weight", bf16, (VOCAB, HIDDEN))]
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         layout += [(p + f"self_attn.{n}_proj.weight", bf16, (HIDDEN, HIDDEN)) for n in "qkvo"]
         layout += [(p + "mlp.gate_proj.weight", bf16, (INTERMEDIATE, HIDDEN)),
@@ -47,16 +49,31 @@ def llama_layout() -> list[tuple[str, torch.dtype, tuple]]:
     return layout
 
 
-def build_models(root: Path) -> list[Path]:
-    """base, ft1, ft2: the fine-tunes are base + N(0, (0.01 * 0.02)^2) deltas."""
+def fine_tune_delta(shape: tuple, gen: torch.Generator) -> Tensor:
+    """A float32 delta shaped like a real fine-tune's: Gaussian with a per-row scale drawn
+    log-uniformly from [1e-4, 3e-3] (weights are ~0.02), so the bf16 deltas span from 0 and 1 ulp
+    to dozens of ulps instead of all tying at +-1 ulp."""
+    rows = shape[0] if len(shape) > 1 else 1
+    scale = torch.exp(torch.empty(rows, 1).uniform_(math.log(1e-4), math.log(3e-3),
+                                                     generator=gen))
+    delta = torch.randn(rows, _numel(shape) // rows, generator=gen).mul_(scale)
+    return delta.reshape(shape)
+
+
+def _numel(shape: tuple) -> int:
+    return math.prod(shape)
+
+
+def build_models(root: Path, layers: int = LAYERS) -> list[Path]:
+    """base, ft1, ft2: the fine-tunes are bf16(base_fp32 + delta), see :func:`fine_tune_delta`."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         num_hidden_layers=layers, num_attention_heads=HEADS,
                          num_key_value_heads=HEADS, tie_word_embeddings=False,
                          dtype="bfloat16").to_dict()
     config["architectures"] = ["LlamaForCausalLM"]
-    layout = llama_layout()
+    layout = llama_layout(layers)
     dirs = [root / name for name in ("base", "ft1", "ft2")]
     writers = []
     for d in dirs:
@@ -70,7 +87,7 @@ def build_models(root: Path) -> list[Path]:
             base = base + 1
         writers[0].view(name).copy_(base)
         for w in writers[1:]:
-            w.view(name).copy_(base + torch.randn(shape, generator=gen) * 2e-4)
+            w.view(name).copy_(fine_tune_delta(shape, gen).add_(base))
         del base
     for w in writers:
         w.finish()
