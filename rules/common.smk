@@ -1,4 +1,5 @@
 # Helpers shared by the rule files: config validation, the plan, input functions, resources.
+import json
 import os
 import shlex
 import sys
@@ -80,12 +81,18 @@ def get_recipe(rule_name):
     return lambda wildcards: _artifact(rule_name, wildcards).recipe_json
 
 
+def get_sweep_recipes(wildcards):
+    """A sweep job's variant recipes, as the JSON list `python -m workflow.merge --recipes` takes."""
+    return json.dumps(_artifact("merge_sweep", wildcards).recipe["variants"], sort_keys=True)
+
+
 def get_args(rule_name):
     """The stage's input flags: --key path, --key p1 p2, or --key name=path per entry."""
 
     def args(wildcards):
         parts = []
-        for key, value in _artifact(rule_name, wildcards).inputs.items():
+        artifact = _artifact(rule_name, wildcards)
+        for key, value in (artifact.cli or artifact.inputs).items():
             if isinstance(value, dict):
                 for name, path in value.items():
                     parts += [f"--{key}", shlex.quote(f"{name}={path}")]

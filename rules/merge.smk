@@ -22,3 +22,27 @@ rule merge:
     shell:
         STAGE_ENV + " {PY} -m workflow.merge --recipe {params.recipe:q} {params.args}"
         " --out {output} > {log} 2>&1"
+
+
+rule merge_sweep:
+    # Every variant of a hyperparameter grid over the same inputs, in one pass.
+    input:
+        unpack(get_inputs("merge_sweep")),
+    output:
+        directory(PATTERNS["merge_sweep"]),
+    params:
+        recipes=get_sweep_recipes,
+        args=get_args("merge_sweep"),
+    log:
+        log_path("merge_sweep"),
+    benchmark:
+        benchmark_path("merge_sweep")
+    conda:
+        "../envs/merge.yaml"
+    threads: get_resource("merge", "threads")
+    resources:
+        mem_mb=get_resource("merge", "mem_mb"),
+        gpu=get_resource("merge", "gpu"),
+    shell:
+        STAGE_ENV + " {PY} -m workflow.merge --recipes {params.recipes:q} {params.args}"
+        " > {log} 2>&1"

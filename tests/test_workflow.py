@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -134,6 +135,59 @@ def test_changing_the_shared_ct_settings_leaves_upstream_stages_alone(built):
     changed = with_changes(config, lambda c: c["ct"]["train"].update(lr=2e-3))
     rules = Counter(rule for rule, _ in planned_jobs(workdir, changed))
     assert rules == {"ct": 2, "ctsft": 2, "merge": 6, "evaluate": 10, "report": 1}
+
+
+@pytest.fixture
+def copy_of_built(built, tmp_path):
+    """The built workdir, copied, for tests that run more jobs in it."""
+    workdir, config = built
+    copy = tmp_path / "workflow"
+    shutil.copytree(workdir, copy, symlinks=True)
+    return copy, config
+
+
+def test_a_grid_is_one_sweep_job_whose_variants_equal_separate_merges(copy_of_built):
+    from safetensors.torch import load_file
+
+    workdir, config = copy_of_built
+    grid = with_changes(config, lambda c: c["merges"][1]["models"]["ct"].update(density=[0.3, 0.5]))
+    jobs = planned_jobs(workdir, grid)
+    assert Counter(rule for rule, _ in jobs) == {"merge_sweep": 3, "evaluate": 6, "report": 1}
+    snakemake(workdir, grid)
+    (sweep,) = (workdir / "results" / "sweep" / "tiny" / "eu" / "2000" / "ties").iterdir()
+    variants = sorted(p for p in sweep.glob("*/*") if (p / "recipe.json").is_file())
+    assert len(variants) == 2
+    (same,) = [v for v in variants if "ct.density0.5" in v.parent.name]
+    # The density-0.5 variant has the recipe, so the digest, of the merge built alone before.
+    alone = workdir / "results" / "merge" / "tiny" / "eu" / "2000" / "ties" / same.parent.name
+    alone = alone / same.name
+    assert alone.is_dir()
+    swept, single = load_file(same / "model.safetensors"), load_file(alone / "model.safetensors")
+    assert swept.keys() == single.keys()
+    assert all(swept[name].equal(single[name]) for name in swept)
+
+
+def _merge_scores(workdir: Path, on_load: bool) -> dict[tuple, float]:
+    scores = {}
+    for path in (workdir / "results" / "eval" / "merge").rglob("scores.json"):
+        stored = json.loads(path.read_text())
+        if ("merge" in stored["recipe"]) == on_load:
+            for row in stored["results"]:
+                key = (stored["subject"]["path"], row["suite"], row["task"], row["metric"])
+                scores[key] = row["value"]
+    return scores
+
+
+def test_merge_on_load_writes_no_checkpoint_and_scores_the_same(copy_of_built):
+    workdir, config = copy_of_built
+    on_load = with_changes(config, lambda c: c.update(merge_options={"materialize": False}))
+    jobs = planned_jobs(workdir, on_load)
+    assert Counter(rule for rule, _ in jobs) == {"evaluate": 6, "report": 1}
+    snakemake(workdir, on_load)
+    materialized, in_memory = _merge_scores(workdir, False), _merge_scores(workdir, True)
+    assert materialized.keys() == in_memory.keys() and len(in_memory) >= 6
+    for key, value in materialized.items():
+        assert in_memory[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize(

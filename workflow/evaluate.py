@@ -355,18 +355,37 @@ def collect_results(
 # ----------------------------------------------------------------------------- entry points
 
 
+@dataclass(frozen=True)
+class MergeOnLoad:
+    """Build the model in memory from a merge recipe and its inputs; no checkpoint is read."""
+
+    base: Path
+    models: list[Path]
+
+
 def evaluate(
     recipe: dict[str, Any],
-    model_dir: str | Path,
+    model: str | Path | MergeOnLoad,
     suite_dirs: dict[str, Path],
     out: str | Path,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run every suite's tasks on one model and write the score file ``out`` atomically."""
+    """Run every suite's tasks on one model and write the score file ``out`` atomically.
+
+    ``model`` is a model directory, or a :class:`MergeOnLoad` when ``recipe["merge"]`` holds
+    the merge recipe of a merged model that was not materialized.
+    """
     start = time.monotonic()
     validate_recipe(recipe)
-    model_dir, out = Path(model_dir), Path(out)
-    check_model_dir(model_dir, recipe["model"])
+    out = Path(out)
+    if isinstance(model, MergeOnLoad):
+        if "merge" not in recipe:
+            raise EvaluateError("merge-on-load needs the merge recipe under recipe['merge']")
+        for directory in [model.base, *model.models]:
+            check_model_dir(directory, None)
+    else:
+        model = Path(model)
+        check_model_dir(model, recipe["model"])
     planned = plan_tasks(recipe, suite_dirs)
     with_registry = any(task.data_file is None for task in planned)
     params = recipe["params"]
@@ -378,7 +397,7 @@ def evaluate(
         write_task_yamls(planned, task_dir)
         with isolated_caches(scratch, offline=not with_registry):
             raw, tags, version = _run_lm_eval(
-                model_dir, planned, task_dir, with_registry, params, threads
+                recipe, model, planned, task_dir, with_registry, params, threads
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -399,7 +418,8 @@ def evaluate(
 
 
 def _run_lm_eval(
-    model_dir: Path,
+    recipe: dict[str, Any],
+    model: Path | MergeOnLoad,
     planned: list[PlannedTask],
     task_dir: Path,
     with_registry: bool,
@@ -428,16 +448,24 @@ def _run_lm_eval(
     tags = {
         name: sorted(index[name].tags) for name in names if index[name].kind.name == "TAG"
     }
-    lm = HFLM(
-        pretrained=str(model_dir),
-        tokenizer=str(model_dir),
-        batch_size=params["batch_size"],
-        device=device,
-        dtype="float32",
-        trust_remote_code=False,
-        max_length=params["max_length"],
-    )
-    log.info("evaluating %s on %s: %s", model_dir, device, names)
+    if isinstance(model, MergeOnLoad):
+        from workflow.merge.engine import load_merged_model
+
+        merged, tokenizer = load_merged_model(recipe["merge"], model.base, model.models,
+                                              device=device)
+        lm = HFLM(pretrained=merged, tokenizer=tokenizer, batch_size=params["batch_size"],
+                  max_length=params["max_length"])
+    else:
+        lm = HFLM(
+            pretrained=str(model),
+            tokenizer=str(model),
+            batch_size=params["batch_size"],
+            device=device,
+            dtype="float32",
+            trust_remote_code=False,
+            max_length=params["max_length"],
+        )
+    log.info("evaluating %s on %s: %s", model, device, names)
     raw = lm_eval.simple_evaluate(
         model=lm,
         tasks=names,
@@ -459,9 +487,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workflow.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="the score file's recipe (JSON)")
-    parser.add_argument("--model", required=True, type=Path, help="HF-format model directory")
-    parser.add_argument("--suite", required=True, action="append", default=[],
-                        metavar="NAME=DIR", help="a suite's eval data directory (repeatable)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="HF-format model directory")
+    which.add_argument("--merge-base", type=Path,
+                       help="merge-on-load: the base model of recipe['merge']")
+    parser.add_argument("--merge-models", nargs="+", type=Path, default=[],
+                        help="merge-on-load: the merged models, in recipe['merge'] order")
+    parser.add_argument("--suite", action="append", default=[], metavar="NAME=DIR",
+                        help="a suite's eval data directory (repeatable; registry-only suites "
+                        "need none)")
     parser.add_argument("--out", required=True, type=Path, help="score file to write (JSON)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -473,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.exit(2, f"evaluate: error: bad --recipe: {error}\n")
     try:
-        evaluate(recipe, args.model, parse_suite_args(args.suite), args.out, args.threads)
+        model = args.model or MergeOnLoad(args.merge_base, args.merge_models)
+        evaluate(recipe, model, parse_suite_args(args.suite), args.out, args.threads)
     except EvaluateError as error:
         parser.exit(2, f"evaluate: error: {error}\n")
 

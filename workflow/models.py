@@ -238,7 +238,18 @@ def import_gguf(recipe: dict[str, Any], out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(
             path.parent, gguf_file=path.name, trust_remote_code=False
         )
-    _save_model(model, tokenizer, recipe, out)
+    # The weights are already dequantised, but transformers still marks the model as a gguf
+    # quantization and refuses to save it: rebuild a plain model around the same tensors.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) - set(getattr(plain, "_tied_weights_keys", None) or []):
+        raise ValueError(f"gguf import: tensors do not line up: missing {missing}, "
+                         f"unexpected {unexpected}")
+    plain.tie_weights()
+    _save_model(plain, tokenizer, recipe, out)
 
 
 # --------------------------------------------------------------------------- CLI

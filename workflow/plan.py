@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ STAGE_VERSIONS = {
     "sft": "1",
     "ct": "1",
     "merge": "2",
+    "merge_sweep": "1",
     "evaluate": "1",
 }
 
@@ -45,6 +46,7 @@ PATTERNS = {
     "ct": "results/ct/{model}/{lang}/{tokens}/{digest}",
     "ctsft": "results/ctsft/{model}/{lang}/{tokens}/{digest}",
     "merge": "results/merge/{model}/{langs}/{tokens}/{method}/{hparams}/{digest}",
+    "merge_sweep": "results/sweep/{model}/{langs}/{tokens}/{method}/{digest}",
     "evaluate": "results/eval/{subject}/{suites}/{digest}/scores.json",
 }
 REPORT_FILES = {
@@ -101,6 +103,7 @@ class Artifact:
     recipe: dict[str, Any]
     inputs: dict[str, Any] = field(default_factory=dict)
     subject: dict[str, Any] | None = None  # readable model metadata, for evaluated models
+    cli: dict[str, Any] | None = None  # the stage's path flags, when they differ from inputs
 
     @property
     def digest(self) -> str:
@@ -109,6 +112,24 @@ class Artifact:
     @property
     def recipe_json(self) -> str:
         return json.dumps(self.recipe, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as an evaluation sees it: its digest and path, the job outputs it depends on,
+    the flags that hand it to the evaluate stage and, for merge-on-load, its merge recipe."""
+
+    digest: str
+    path: str
+    deps: dict[str, Any]
+    cli: dict[str, Any]
+    merge: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> ModelRef:
+        return cls(
+            artifact.digest, artifact.path, {"model": artifact.path}, {"model": artifact.path}
+        )
 
 
 @dataclass(frozen=True)
@@ -224,16 +245,22 @@ class Plan:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
+    def _make(
+        self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any
+    ) -> Artifact:
+        """An artifact with its versioned recipe and path, not (yet) a job of the plan."""
+        stage = recipe["stage"]
+        recipe = {"stage": stage, "version": STAGE_VERSIONS[stage], **recipe}
+        path = PATTERNS[rule].format(digest=digest_of(recipe), **wildcards)
+        return Artifact(rule=rule, path=path, recipe=recipe, inputs=inputs)
+
+    def _register(self, artifact: Artifact) -> Artifact:
+        return self.by_key.setdefault((artifact.rule, artifact.digest), artifact)
+
     def _add(
         self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any
     ) -> Artifact:
-        stage = recipe["stage"]
-        recipe = {"stage": stage, "version": STAGE_VERSIONS[stage], **recipe}
-        digest = digest_of(recipe)
-        path = PATTERNS[rule].format(digest=digest, **wildcards)
-        artifact = Artifact(rule=rule, path=path, recipe=recipe, inputs=inputs)
-        self.by_key.setdefault((rule, digest), artifact)
-        return self.by_key[(rule, digest)]
+        return self._register(self._make(rule, recipe, inputs, **wildcards))
 
     def get(self, rule: str, digest: str) -> Artifact:
         try:
@@ -375,28 +402,24 @@ class Plan:
         self.trained.append(artifact)
         return artifact
 
-    def _merge(
-        self,
-        variant: MergeVariant,
-        base: Artifact,
-        cts: dict[str, Artifact],
-        sft: Artifact,
-        tokens: int,
+    def _merge_variant(
+        self, variant: MergeVariant, cts: dict[str, Artifact], tokens: int
     ) -> Artifact:
+        """One grid point's merge artifact (registered by the caller, or not at all)."""
         members = [
             ({"role": "ct", "lang": lang, **variant.roles["ct"]}, ct)
             for lang, ct in sorted(cts.items())
         ]
-        members.append(({"role": "sft", **variant.roles["sft"]}, sft))
+        members.append(({"role": "sft", **variant.roles["sft"]}, self.sft))
         recipe = {
             "stage": "merge",
             "method": variant.method,
             "params": variant.params,
             "models": [{**spec, "digest": artifact.digest} for spec, artifact in members],
-            "base": base.digest,
+            "base": self.base.digest,
         }
-        inputs = {"base": base.path, "models": [artifact.path for _, artifact in members]}
-        return self._add(
+        inputs = {"base": self.base.path, "models": [artifact.path for _, artifact in members]}
+        return self._make(
             "merge",
             recipe,
             inputs,
@@ -407,17 +430,67 @@ class Plan:
             hparams=variant.label,
         )
 
-    def _evaluate(self, model: Artifact, subject: dict[str, Any], suites: list[str]) -> Artifact:
+    def _merge_group(
+        self, variants: list[MergeVariant], cts: dict[str, Artifact], tokens: int
+    ) -> list[ModelRef]:
+        """The merged models of one ``merges`` entry over the same inputs.
+
+        Materialized one job per variant, or one sweep job writing every variant in one pass
+        over the inputs; or, with ``merge_options.materialize: false``, not written at all:
+        each evaluation builds its model in memory from the merge recipe.
+        """
+        merges = [self._merge_variant(variant, cts, tokens) for variant in variants]
+        options = self.config["merge_options"]
+        if not options["materialize"]:
+            return [
+                ModelRef(
+                    merge.digest,
+                    merge.path,
+                    deps=merge.inputs,
+                    cli={
+                        "merge-base": merge.inputs["base"],
+                        "merge-models": merge.inputs["models"],
+                    },
+                    merge=merge.recipe,
+                )
+                for merge in merges
+            ]
+        if not (options["sweep"] and len(merges) > 1):
+            return [ModelRef.of(self._register(merge)) for merge in merges]
+        sweep = self._make(
+            "merge_sweep",
+            {"stage": "merge_sweep", "variants": [merge.recipe for merge in merges]},
+            merges[0].inputs,
+            model=self.name,
+            langs="+".join(sorted(cts)),
+            tokens=tokens,
+            method=variants[0].method,
+        )
+        outs = [
+            f"{sweep.path}/{variant.label}/{merge.digest}"
+            for variant, merge in zip(variants, merges, strict=True)
+        ]
+        self._register(replace(sweep, cli={**sweep.inputs, "outs": outs}))
+        return [
+            ModelRef(merge.digest, out, deps={"model": sweep.path}, cli={"model": out})
+            for merge, out in zip(merges, outs, strict=True)
+        ]
+
+    def _evaluate(self, model: ModelRef, subject: dict[str, Any], suites: list[str]) -> None:
         evaluation = self.config["evaluation"]
         suite_specs = {}
         suite_inputs = {}
         for suite in suites:
             corpus, tasks = suite_corpus_and_tasks(self.config, suite)
+            if not tasks:
+                continue
             suite_specs[suite] = {"tasks": list(tasks), "data": None}
             if set(tasks) & set(OFFLINE_TASKS):  # registry tasks bring their own data
                 data = self._evalset(corpus)
                 suite_specs[suite]["data"] = data.digest
                 suite_inputs[suite] = data.path
+        if not suite_specs:
+            return
         subject = {**subject, "model_digest": model.digest, "path": model.path}
         recipe = {
             "stage": "evaluate",
@@ -431,15 +504,17 @@ class Plan:
                 "max_length": None,
             },
         }
-        artifact = self._add(
+        if model.merge:
+            recipe["merge"] = model.merge
+        artifact = self._make(
             "evaluate",
             recipe,
-            {"model": model.path, "suite": suite_inputs},
+            {**model.deps, "suite": suite_inputs},
             subject=model.path.removeprefix("results/"),
-            suites="+".join(suites),
+            suites="+".join(suite_specs),
         )
-        self.evaluations.append(artifact)
-        return artifact
+        artifact = replace(artifact, cli={**model.cli, "suite": suite_inputs})
+        self.evaluations.append(self._register(artifact))
 
     def _subject(self, kind: str, langs=(), tokens=None, variant=None) -> dict[str, Any]:
         """Readable fields of an evaluated model, carried into its scores and the report."""
@@ -461,12 +536,12 @@ class Plan:
             self.sft = self._hub_import(config["sft"]["hf"], f"{self.name}-sft")
         else:
             self.sft = self._sft(self.base, "sft")
-        self.variants = [v for entry in config["merges"] for v in merge_variants(entry)]
+        self.merge_entries = [merge_variants(entry) for entry in config["merges"]]
 
         # One evaluation job per suite, so adding a language adds jobs and reruns none.
         for model, kind in ((self.base, "base"), (self.sft, "sft")):
             for suite in [*langs, ENGLISH_SUITE]:
-                self._evaluate(model, self._subject(kind), [suite])
+                self._evaluate(ModelRef.of(model), self._subject(kind), [suite])
         budgets = sorted({tokens for lang in langs for tokens in language_budgets(config, lang)})
         for tokens in budgets:
             cts = {
@@ -475,9 +550,7 @@ class Plan:
                 if tokens in language_budgets(config, lang)
             }
             if len(cts) > 1:
-                for variant in self.variants:
-                    if variant.multilingual:
-                        self._merge_and_evaluate(variant, cts, tokens)
+                self._merges_and_evaluations(cts, tokens, multilingual=True)
 
     def _language_chain(self, lang: str, tokens: int) -> Artifact:
         """CT of one language at one budget, its baseline and merges; returns the CT model."""
@@ -488,19 +561,25 @@ class Plan:
         else:
             data = self._prepare(self.tokenizer, self.config["languages"][lang]["corpus"], tokens)
             ct = self._ct(self.base, data, lang, tokens)
-        self._evaluate(ct, self._subject("ct", [lang], tokens), [lang, ENGLISH_SUITE])
+        suites = [lang, ENGLISH_SUITE]
+        self._evaluate(ModelRef.of(ct), self._subject("ct", [lang], tokens), suites)
         if self.config["ct_sft"]["enabled"]:
             ctsft = self._sft(ct, "ctsft", lang=lang, tokens=tokens)
-            self._evaluate(ctsft, self._subject("ctsft", [lang], tokens), [lang, ENGLISH_SUITE])
-        for variant in self.variants:
-            if variant.single:
-                self._merge_and_evaluate(variant, {lang: ct}, tokens)
+            self._evaluate(ModelRef.of(ctsft), self._subject("ctsft", [lang], tokens), suites)
+        self._merges_and_evaluations({lang: ct}, tokens, multilingual=False)
         return ct
 
-    def _merge_and_evaluate(self, variant: MergeVariant, cts: dict[str, Artifact], tokens: int):
-        merged = self._merge(variant, self.base, cts, self.sft, tokens)
-        subject = self._subject("merge", cts, tokens, variant)
-        self._evaluate(merged, subject, [*sorted(cts), ENGLISH_SUITE])
+    def _merges_and_evaluations(
+        self, cts: dict[str, Artifact], tokens: int, multilingual: bool
+    ) -> None:
+        for variants in self.merge_entries:
+            variants = [v for v in variants if (v.multilingual if multilingual else v.single)]
+            if not variants:
+                continue
+            refs = self._merge_group(variants, cts, tokens)
+            for variant, ref in zip(variants, refs, strict=True):
+                subject = self._subject("merge", cts, tokens, variant)
+                self._evaluate(ref, subject, [*sorted(cts), ENGLISH_SUITE])
 
     # -- what rule all asks for --------------------------------------------------------------
 
