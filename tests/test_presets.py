@@ -39,10 +39,13 @@ def test_tao2024_plans_ct_per_language_and_budget_on_gpus(dry_run):
     jobs = dry_run(config)
     rules = Counter(job["rule"] for job in jobs)
     langs, budgets = len(config["languages"]), len(config["budgets"])
-    variants = 1 + 1 + 2  # linear, ties, ties_sv at two slacks
     assert rules["import_hf"] == 2  # Llama-2-7b and the FLAN SFT model
     assert rules["ct"] == langs * budgets
-    assert rules["merge"] == (langs + 1) * budgets * variants
+    # linear and ties one job each; ties_sv's two slacks one sweep; per language and all
+    assert rules["merge"] == (langs + 1) * budgets * 2
+    assert rules["merge_sweep"] == (langs + 1) * budgets
+    # base and SFT per suite (7 languages + English), each CT, each of the 4 merge variants
+    assert rules["evaluate"] == 2 * (langs + 1) + langs * budgets + 4 * (langs + 1) * budgets
     assert "ctsft" not in rules and "pretrain" not in rules and "tokenizer" not in rules
     assert {job["resources"]["gpu"] for job in jobs if job["rule"] == "ct"} == {"8"}
     assert {job["resources"]["gpu"] for job in jobs if job["rule"] == "evaluate"} == {"1"}
@@ -71,5 +74,6 @@ def test_iberian_llama3_mixes_released_and_trained_ct(dry_run):
     assert rules["import_hf"] == 4  # base, instruct, Latxa, Carballo
     assert rules["ct"] == 2  # ca and es
     assert {job["resources"]["gpu"] for job in jobs if job["rule"] == "ct"} == {"4"}
-    multilingual = [j for j in jobs if j["rule"] == "merge" and "/ca+es+eu+gl/" in j["output"]]
-    assert len(multilingual) == 5  # linear, task arithmetic x2, ties, ties_sv
+    multilingual = [j["rule"] for j in jobs if "/ca+es+eu+gl/" in (j["output"] or "")]
+    # linear, ties, ties_sv one job each; task arithmetic's two lambdas one sweep job
+    assert Counter(multilingual) == {"merge": 3, "merge_sweep": 1, "evaluate": 5}

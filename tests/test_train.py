@@ -369,7 +369,6 @@ def test_gradient_checkpointing_gives_the_same_weights(chain, tmp_path):
 
 
 def test_lora_is_folded_into_full_weights(chain, tmp_path):
-    pytest.importorskip("peft")
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     metrics = run_ct(chain, tmp_path / "lora", {"lora": lora, "lr": 2e-2, "epochs": 1})
     assert metrics["tokens_trained"] == 997

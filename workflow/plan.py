@@ -54,6 +54,8 @@ REPORT_FILES = {
     "table": "results/report/table.md",
     "curves": "results/report/budget_curves.png",
     "tradeoff": "results/report/bpb_vs_acc.png",
+    "diagnostics": "results/report/diagnostics.csv",
+    "diagnostics_plot": "results/report/merge_diagnostics.png",
 }
 WILDCARD_CONSTRAINTS = {
     "digest": "[0-9a-f]{12}",
@@ -240,6 +242,7 @@ class Plan:
         self.by_key: dict[tuple[str, str], Artifact] = {}
         self.evaluations: list[Artifact] = []
         self.trained: list[Artifact] = []
+        self.merged: list[str] = []  # directories of materialized merged models
         self._build()
         self.hashes.save()
 
@@ -456,7 +459,9 @@ class Plan:
                 for merge in merges
             ]
         if not (options["sweep"] and len(merges) > 1):
-            return [ModelRef.of(self._register(merge)) for merge in merges]
+            refs = [ModelRef.of(self._register(merge)) for merge in merges]
+            self.merged.extend(ref.path for ref in refs)
+            return refs
         sweep = self._make(
             "merge_sweep",
             {"stage": "merge_sweep", "variants": [merge.recipe for merge in merges]},
@@ -471,6 +476,7 @@ class Plan:
             for variant, merge in zip(variants, merges, strict=True)
         ]
         self._register(replace(sweep, cli={**sweep.inputs, "outs": outs}))
+        self.merged.extend(outs)
         return [
             ModelRef(merge.digest, out, deps={"model": sweep.path}, cli={"model": out})
             for merge, out in zip(merges, outs, strict=True)

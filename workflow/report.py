@@ -10,8 +10,9 @@ Usage::
         [--train-metrics results/ct/**/metrics.json ...] [--recipe '<json>'] --out results/report
     python -m workflow.report timings benchmarks/
 
-The first writes ``scores.csv``, ``table.md``, ``budget_curves.png`` and ``bpb_vs_acc.png``
-(and ``recipe.json`` when ``--recipe`` is given) into ``--out``. The second prints, as a
+The first writes ``scores.csv``, ``table.md``, ``budget_curves.png``, ``bpb_vs_acc.png``,
+``diagnostics.csv`` and ``merge_diagnostics.png`` (from ``--diagnostics`` files of merged
+models; and ``recipe.json`` when ``--recipe`` is given) into ``--out``. The second prints, as a
 markdown table, the total and mean wall time per stage from Snakemake ``benchmark:`` TSV files,
 the stage being the first path component under the directory.
 """
@@ -516,10 +517,86 @@ def plot_bpb_vs_acc(scores: pd.DataFrame, path: str | Path) -> None:
 # --------------------------------------------------------------------------- entry points
 
 
+# The paper's analysis (Tao et al. 2024, section 5): how much of the SFT task vector's most
+# important mass survives the merge, and how often CT and SFT disagree in sign.
+DIAGNOSTIC_METRICS = ("sft_topk_mass_kept", "sign_conflict", "trimmed")
+
+
+def load_diagnostics(paths: Iterable[str | Path], scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per merged model x scope ("overall", "layer N") with the diagnostic ratios.
+
+    Each ``diagnostics.json`` is matched to its model's scores by the digest in the
+    ``recipe.json`` beside it, which gives the readable fields (languages, budget, method)."""
+    subjects = scores.drop_duplicates("model_digest").set_index("model_digest")
+    rows = []
+    for path in map(Path, paths):
+        try:
+            data = read_json(path)
+            digest = read_json(path.parent / "recipe.json")["digest"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ReportError(f"{path}: cannot read merge diagnostics: {error}") from error
+        if digest not in subjects.index:
+            log.warning("%s: no scores for model %s; left out of the diagnostics", path, digest)
+            continue
+        subject = subjects.loc[digest]
+        scopes = [("overall", data.get("overall", {}))]
+        scopes += [(f"layer {name}", values) for name, values in data.get("layers", {}).items()]
+        for scope, values in scopes:
+            rows.append({
+                "label": subject["label"], "langs": subject["langs"],
+                "tokens": subject["tokens"], "method": subject["method"],
+                "model_digest": digest, "scope": scope,
+                **{metric: values.get(metric) for metric in DIAGNOSTIC_METRICS},
+            })
+    return pd.DataFrame(rows)
+
+
+def diagnostics_markdown(diagnostics: pd.DataFrame) -> str:
+    overall = diagnostics[diagnostics["scope"] == "overall"].copy()
+    overall["merge"] = [f"{label} ({langs})" if "+" not in str(label) else label
+                        for label, langs in zip(overall["label"], overall["langs"], strict=True)]
+    lines = ["## Merge diagnostics (overall)", "",
+             "Share of the SFT task vector's top-k mass kept by the merge, CT/SFT sign-conflict "
+             "rate, share of entries trimmed (`diagnostics.csv` has them per layer).", "",
+             "| merge | budget | " + " | ".join(DIAGNOSTIC_METRICS) + " |",
+             "|---|---|" + "---|" * len(DIAGNOSTIC_METRICS)]
+    for _, row in overall.sort_values(["merge", "tokens"]).iterrows():
+        cells = [MISSING if pd.isna(row[m]) else format_value(row[m]) for m in DIAGNOSTIC_METRICS]
+        lines.append(f"| {row['merge']} | {format_tokens(row['tokens'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_merge_diagnostics(diagnostics: pd.DataFrame, path: str | Path) -> None:
+    """Each diagnostic against CT budget, one line per merge method and language."""
+    path = Path(path)
+    overall = diagnostics[diagnostics["scope"] == "overall"] if len(diagnostics) else diagnostics
+    if overall.empty:
+        _empty_figure(path, "no merge diagnostics")
+        return
+    colors = _colors(sorted(set(overall["label"])))
+    fig, axes = plt.subplots(1, len(DIAGNOSTIC_METRICS), figsize=(5 * len(DIAGNOSTIC_METRICS), 3.8),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], DIAGNOSTIC_METRICS, strict=True):
+        for (label, langs), group in overall.groupby(["label", "langs"], sort=True):
+            curve = group.dropna(subset=["tokens", metric]).sort_values("tokens")
+            if len(curve):
+                ax.plot(curve["tokens"].astype(float), curve[metric].astype(float), marker="o",
+                        color=colors[label], label=label,
+                        ls="-" if "+" not in str(langs) else ":")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("CT tokens")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes[0], list(colors))
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def write_report(score_paths: Sequence[str | Path], out: str | Path,
                  train_metrics_paths: Sequence[str | Path] = (),
-                 recipe: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Write scores.csv, table.md and the two plots into ``out``; returns the scores."""
+                 recipe: dict[str, Any] | None = None,
+                 diagnostics_paths: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """Write scores.csv, table.md and the plots into ``out``; returns the scores."""
     if not score_paths:
         raise ReportError("no score files given (--scores)")
     out = Path(out)
@@ -534,10 +611,16 @@ def write_report(score_paths: Sequence[str | Path], out: str | Path,
     train = load_train_metrics(train_metrics_paths) if train_metrics_paths else None
     with atomic_file(out / "scores.csv") as handle:
         scores.to_csv(handle, index=False)
+    diagnostics = load_diagnostics(diagnostics_paths, scores)
     with atomic_file(out / "table.md") as handle:
         handle.write(render_markdown(scores, train))
+        if len(diagnostics):
+            handle.write("\n" + diagnostics_markdown(diagnostics))
+    with atomic_file(out / "diagnostics.csv") as handle:
+        diagnostics.to_csv(handle, index=False)
     plot_budget_curves(scores, out / "budget_curves.png")
     plot_bpb_vs_acc(scores, out / "bpb_vs_acc.png")
+    plot_merge_diagnostics(diagnostics, out / "merge_diagnostics.png")
     if recipe is not None:
         write_recipe(out, recipe)
     return scores
@@ -615,11 +698,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="score JSON files written by workflow.evaluate")
     parser.add_argument("--train-metrics", nargs="*", default=[], type=Path,
                         help="metrics.json files from training stages (optional)")
+    parser.add_argument("--diagnostics", nargs="*", default=[], type=Path,
+                        help="diagnostics.json files of merged models (optional)")
     parser.add_argument("--recipe", type=parse_recipe_arg, default=None,
                         help="the report artifact's recipe JSON; written as recipe.json")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     args = parser.parse_args(argv)
-    write_report(args.scores, args.out, args.train_metrics, args.recipe)
+    write_report(args.scores, args.out, args.train_metrics, args.recipe, args.diagnostics)
     return 0
 
 

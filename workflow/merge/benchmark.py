@@ -1,11 +1,11 @@
 """Benchmark: our merge engine against mergekit (``mergekit-yaml``) on a synthetic ~1B Llama.
 
     python -m workflow.merge.benchmark --workdir /tmp/lrmerge-bench \
-        [--mergekit .venv-mergekit/bin/mergekit-yaml] [--keep]
+        [--mergekit .venv-mergekit/bin/mergekit-yaml] [--layers 16] [--keep]
 
 Builds a bf16 Llama (hidden 2048, intermediate 5632, 16 layers, vocab 32000, untied) and two
-fine-tunes of it (base + small random deltas), then runs the same merges with both tools in this
-one run: TIES (density 0.5, weight 1 each), task_arithmetic and linear; then a sweep of 8 TIES
+fine-tunes of it (base + random deltas spanning many magnitudes, see :func:`fine_tune_delta`),
+then runs the same merges with both tools in this one run: TIES (density 0.5, weight 1 each), task_arithmetic and linear; then a sweep of 8 TIES
 variants (a lambda grid) in one pass. For each it prints wall time, peak anonymous memory
 (RssAnon summed over the process tree, sampled from /proc: mmap'd file pages would inflate plain
 RSS), and the ratios; and the I/O floor (reading the three inputs and writing one output of the
@@ -185,13 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mergekit", default=os.environ.get(
         "LRMERGE_MERGEKIT", ".venv-mergekit/bin/mergekit-yaml"))
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--layers", type=int, default=LAYERS,
+                        help="decoder layers of the synthetic model (default: %(default)s, ~1.1B "
+                             "parameters; fewer for a quicker run)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     root = args.workdir
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        models = build_models(root / "models")
+        models = build_models(root / "models", args.layers)
         size = sum(f.stat().st_size for d in models for f in d.iterdir())
         print(f"built 3 models ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s; "
               f"torch threads {torch.get_num_threads()}", flush=True)

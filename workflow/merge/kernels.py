@@ -3,18 +3,28 @@
 They compute exactly what the reference functions in :mod:`workflow.merge.methods` compute, op for
 op in float32 (tests check bit equality), but:
 
-- Work runs over cache-sized chunks of the flattened tensor into reused buffers, so each of the
-  ~20 elementwise passes stays in cache and no full-size float32 temporaries are allocated
+- Work runs over cache-sized chunks of the flattened tensor into reused per-thread buffers, so
+  each elementwise pass stays in cache and no full-size float32 temporaries are allocated
   (DESIGN §8: fresh allocations and page faults cost as much as the math).
+- Chunks are spread over a pool of worker threads that each run torch single-threaded. torch's
+  own intra-op threading splits every ~20 us op over all cores and waits for the slowest: on a
+  machine shared with another job (a training run) one descheduled thread stalls each op for a
+  time slice, and a merge was measured 5-20x slower that way. Chunk-level threads only meet at
+  the end of a tensor. Results do not depend on the thread count or timing (per-chunk counts are
+  summed in chunk order).
 - The top-k threshold of each task vector is found without sorting: a fixed random sample gives a
   narrow band of |tau| values that must contain the k-th largest; one pass counts the entries
-  above the band and collects those inside it, and a selection over the small band gives the
-  exact threshold and which tied entries are kept (the lowest flat indices, like
-  :func:`~workflow.merge.methods.topk_mask`). When the band misses (never seen in practice) the
-  exact whole-tensor selection runs instead.
+  above the band and collects those inside it (per chunk), and a selection over the band gives
+  the exact threshold. Ties at the threshold are kept from the lowest flat index up (like
+  :func:`~workflow.merge.methods.topk_mask`): the per-chunk bands already hold every tied entry,
+  so counting them per chunk finds the one chunk where the cut falls, and only that chunk is
+  read again. Huge tie groups (bf16 deltas of one ulp) cost O(n) like everything else. When the
+  band misses (never seen in practice) the exact whole-tensor selection runs instead.
 - Several scales ``lambda`` come out of one pass (a sweep shares everything up to the scaling).
 - Diagnostics are counted in the same pass, on the merged delta before the cast to the output
-  dtype (its sign and zeros do not depend on a positive lambda).
+  dtype (its sign and zeros do not depend on a positive lambda), with float sign vectors and
+  dot products rather than boolean masks and counts (several times cheaper on CPU; counts of
+  at most 2^24 per chunk are exact in float32).
 
 Inputs are flat 1-D tensors (any float dtype, possibly read-only mmap views); outputs are flat
 tensors of the output dtype, written in place.
@@ -23,8 +33,11 @@ tensors of the output dtype, written in place.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -39,7 +52,9 @@ from workflow.merge.methods import (
 )
 
 CPU_CHUNK = 1 << 18  # elements: 1 MiB of float32 per buffer keeps the working set in L2/L3
+MAX_CHUNK = 1 << 24  # float32 sums of 0/1 stay exact up to here (GPU chunks are whole tensors)
 SAMPLE = 1 << 16
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,53 @@ def stream_plan(method: MergeMethod, params: dict, per_model: Sequence[dict],
                       float(params.get("slack", 0.0)))
 
 
+
+# --------------------------------------------------------------------------------------------
+# Chunk-level threads
+# --------------------------------------------------------------------------------------------
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            # torch's thread setting is per OS thread: workers run single-threaded, the caller's
+            # own setting is untouched.
+            _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()),
+                                       thread_name_prefix="lrmerge-chunk",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        return _POOL
+
+
+def _map(fn: Callable[[int], T], starts: Iterable[int], device: torch.device) -> list[T]:
+    """``fn`` over chunk starts, results in order: on worker threads on CPU, inline otherwise."""
+    starts = list(starts)
+    if device.type != "cpu":
+        return [fn(s) for s in starts]
+    return list(_pool().map(fn, starts))
+
+
+def _scratch(key: tuple, make: Callable[[], T]) -> T:
+    """A per-thread buffer set, made once per (thread, key) and reused for every chunk."""
+    cache = getattr(_LOCAL, "cache", None)
+    if cache is None:
+        cache = _LOCAL.cache = {}
+    if key not in cache:
+        if len(cache) > 8:  # shapes vary little (model count, chunk); keep memory bounded
+            cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k keep sets
+# --------------------------------------------------------------------------------------------
+
+
 def _exact_keep(magnitude: Tensor, k: int) -> Keep:
     n = magnitude.numel()
     if k >= n:
@@ -127,6 +189,16 @@ def _nth_tie(magnitude: Tensor, threshold: float, missing: int, start: int) -> i
         return -1
     ties = (magnitude == threshold).nonzero().squeeze(1)
     return start + int(ties[missing - 1])
+
+
+def _magnitude(x: Tensor, base: Tensor, start: int, end: int, chunk: int,
+               device: torch.device) -> Tensor:
+    """|x - base| (float32) of one chunk, in this thread's scratch buffers."""
+    bf, mag = _scratch(("mag", chunk, device), lambda: (
+        torch.empty(chunk, dtype=torch.float32, device=device),
+        torch.empty(chunk, dtype=torch.float32, device=device)))
+    b = bf[: end - start].copy_(base[start:end])
+    return torch.sub(x[start:end].to(device), b, out=mag[: end - start]).abs_()
 
 
 def keep_sets(x: Tensor, base: Tensor, ks: Sequence[int], chunk: int,
@@ -155,51 +227,50 @@ def keep_sets(x: Tensor, base: Tensor, ks: Sequence[int], chunk: int,
         hi = float(sample[hi_rank]) if hi_rank >= 0 else math.inf
         lo = float(sample[lo_rank]) if lo_rank < SAMPLE else -math.inf
         bands.append((i, lo, hi))
-    above = dict.fromkeys(todo, 0)
-    values: dict[int, list[Tensor]] = {i: [] for i in todo}
-    bf = torch.empty(chunk, dtype=torch.float32, device=device)
-    mag = torch.empty(chunk, dtype=torch.float32, device=device)
 
-    def magnitude_of(start: int, end: int) -> Tensor:
-        b = bf[: end - start].copy_(base[start:end])
-        return torch.sub(x[start:end].to(device), b, out=mag[: end - start]).abs_()
+    def scan(start: int) -> list[tuple[int, Tensor]]:
+        a = _magnitude(x, base, start, min(n, start + chunk), chunk, device)
+        return [(int((a > hi).count_nonzero()), a[(a >= lo) & (a <= hi)])
+                for _, lo, hi in bands]
 
-    for start in range(0, n, chunk):
-        a = magnitude_of(start, min(n, start + chunk))
-        for i, lo, hi in bands:
-            above[i] += int((a > hi).count_nonzero())
-            values[i].append(a[(a >= lo) & (a <= hi)])
-    missing: dict[int, tuple[float, int]] = {}
-    for i, _, _ in bands:
+    starts = range(0, n, chunk)
+    scanned = _map(scan, starts, device)
+    for b, (i, _, _) in enumerate(bands):
         k = ks[i]
-        band = torch.cat(values[i])
-        values[i] = []
-        if not above[i] < k <= above[i] + band.numel():
+        above = sum(per_chunk[b][0] for per_chunk in scanned)
+        pieces = [per_chunk[b][1] for per_chunk in scanned]
+        band = torch.cat(pieces)
+        if not above < k <= above + band.numel():
             # The sample lied: fall back to the exact selection on the whole tensor.
             result[i] = _exact_keep((x.to(device).float() - base.to(device).float()).abs_(), k)
             continue
-        threshold = kth_largest(band, k - above[i])
-        missing[i] = (threshold, k - above[i] - int((band > threshold).count_nonzero()))
-        result[i] = Keep(threshold)
-    # Which tied entries are kept: walk the chunks up to the last one needed.
-    seen = dict.fromkeys(missing, 0)
-    todo = [i for i, (_, need) in missing.items() if need > 0]
-    for start in range(0, n, chunk):
-        if not todo:
-            break
-        a = magnitude_of(start, min(n, start + chunk))
-        for i in list(todo):
-            threshold, need = missing[i]
-            count = int((a == threshold).count_nonzero())
-            if seen[i] + count >= need:
-                result[i] = Keep(threshold, _nth_tie(a, threshold, need - seen[i], start))
-                todo.remove(i)
-            seen[i] += count
+        threshold = kth_largest(band, k - above)
+        need = k - above - int((band > threshold).count_nonzero())
+        del band
+        cut = -1
+        if need > 0:
+            # Every entry tied at the threshold lies in the bands: count them per chunk to find
+            # the chunk holding the need-th one, and read only that chunk again.
+            seen = 0
+            for start, piece in zip(starts, pieces, strict=True):
+                count = int((piece == threshold).count_nonzero())
+                if seen + count >= need:
+                    end = min(n, start + chunk)
+                    a = _magnitude(x, base, start, end, chunk, device)
+                    cut = _nth_tie(a, threshold, need - seen, start)
+                    break
+                seen += count
+        result[i] = Keep(threshold, cut)
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------------
+
+
 class _Buffers:
-    """Chunk-sized scratch, allocated once per call and reused for every chunk."""
+    """Chunk-sized scratch of one thread, reused for every chunk."""
 
     def __init__(self, models: int, chunk: int, device: torch.device) -> None:
         def f32() -> Tensor:
@@ -209,10 +280,18 @@ class _Buffers:
             return torch.empty(chunk, dtype=torch.bool, device=device)
 
         self.base, self.total, self.mixed, self.divisor = f32(), f32(), f32(), f32()
-        self.tmp, self.mag, self.raw_task = f32(), f32(), f32()
+        self.tmp, self.tmp2, self.mag, self.raw_task, self.top = f32(), f32(), f32(), f32(), f32()
+        self.s_sft, self.a_sft, self.touched = f32(), f32(), f32()
         self.v = [f32() for _ in range(models)]
-        self.keep, self.keep_task, self.protect, self.flag, self.flag2 = (
-            flag(), flag(), flag(), flag(), flag())
+        self.d = [f32() for _ in range(models)]  # linear's task vectors, for diagnostics
+        # dot(ones, x) sums x in the same order as dot(mask, x): "all kept" gives exactly 1.
+        self.ones = torch.ones(chunk, dtype=torch.float32, device=device)
+        self.keep, self.protect, self.flag, self.flag2 = flag(), flag(), flag(), flag()
+
+
+# Per-chunk diagnostic sums: both_nonzero, conflicts, sft_nonzero, touched, topk_mass, then per
+# lambda sign (-1, 0, 1 as present): sft kept count, top-k mass kept, trimmed.
+_FIXED = 5
 
 
 def stream_merge(
@@ -237,15 +316,15 @@ def stream_merge(
     n = base.numel()
     m = len(tensors)
     if chunk is None:
-        chunk = CPU_CHUNK if device.type == "cpu" else max(n, 1)
-    chunk = max(1, min(chunk, n))
+        chunk = CPU_CHUNK if device.type == "cpu" else MAX_CHUNK
+    chunk = max(1, min(chunk, n, MAX_CHUNK))
     if n == 0:
         return [DiagnosticCounts() for _ in outs] if diag_task is not None else None
 
     keeps: list[Keep] = [Keep.everything()] * m
     protect: Keep | None = None
     task = plan.task_index
-    if plan.trim or diag_task is not None:
+    if plan.trim:
         for i in range(m):
             ks = []
             if plan.densities[i] < 1:
@@ -260,24 +339,29 @@ def stream_merge(
             if found:
                 protect = found[0]
 
-    buf = _Buffers(m, chunk, device)
-    want_diag = diag_task is not None
-    signs = sorted({(lam > 0) - (lam < 0) for lam in lams}) if want_diag else []
-    counts = {s: DiagnosticCounts() for s in signs}
-    for start in range(0, n, chunk):
+    signs = sorted({(lam > 0) - (lam < 0) for lam in lams}) if diag_task is not None else []
+    positive_weights = all(w > 0 for w in plan.weights)
+    # Where all weights are positive a nonzero divisor is at least the smallest weight, so a
+    # clamp replaces the compare-and-fill of zero divisors (their numerator is 0 there).
+    floor = float(torch.tensor(min(plan.weights) / 2, dtype=torch.float32)) \
+        if positive_weights else 0.0
+
+    def work(start: int) -> list[float] | None:
         end = min(n, start + chunk)
         c = end - start
+        buf = _scratch(("merge", m, chunk, device), lambda: _Buffers(m, chunk, device))
         b = buf.base[:c].copy_(base[start:end])
         vs = [buf.v[i][:c] for i in range(m)]
-        if plan.linear:
-            for i in range(m):
-                vs[i].copy_(tensors[i][start:end])
-        else:
-            for i in range(m):
-                torch.sub(tensors[i][start:end].to(device), b, out=vs[i])
-        if want_diag:
-            raw = _diag_before(plan, vs, b, diag_ct, diag_task, buf, counts, c)
-        top_mass_keep = None
+        for i in range(m):
+            x = tensors[i][start:end].to(device)
+            if plan.linear:
+                vs[i].copy_(x)
+            else:
+                torch.sub(x, b, out=vs[i])
+        sums: list[float] | None = None
+        if diag_task is not None:
+            sums, raw = _diag_before(plan, vs, b, diag_ct, diag_task, buf, c)
+        top: Tensor | None = None
         for i in range(m):
             v = vs[i]
             trim = keeps[i].threshold != -math.inf
@@ -289,11 +373,11 @@ def stream_merge(
                 if protect.threshold <= 0:  # only nonzero entries are protected
                     prot &= mag != 0
             if trim:
-                keep = keeps[i].mask(mag, start, (buf.keep_task if i == diag_task
-                                                  else buf.keep)[:c])
+                keep = keeps[i].mask(mag, start, buf.keep[:c])
                 v.mul_(keep)
                 if i == diag_task:
-                    top_mass_keep = keep
+                    # The top-k mass: |trimmed sft| (zeros weigh nothing).
+                    top = torch.abs(v, out=buf.top[:c])
             if plan.weights[i] != 1:
                 v.mul_(plan.weights[i])
         if plan.linear:
@@ -322,7 +406,10 @@ def stream_merge(
                     else:
                         mixed += vs[i].mul_(agree)
                         divisor += torch.mul(agree, plan.weights[i], out=buf.mag[:c])
-                divisor.masked_fill_(divisor == 0, 1)
+                if positive_weights:
+                    divisor.clamp_(min=floor)
+                else:
+                    divisor.masked_fill_(divisor == 0, 1)
                 if plan.normalize:
                     mixed /= divisor
             else:
@@ -330,8 +417,8 @@ def stream_merge(
                 if plan.normalize:
                     d = float(sum(plan.weights))
                     mixed /= d if abs(d) >= 1e-8 else 1.0
-        if want_diag:
-            _diag_after(plan, mixed, b, raw, top_mass_keep, buf, counts, c)
+        if sums is not None:
+            _diag_after(plan, mixed, b, raw, top, buf, sums, signs, c)
         for lam, out in zip(lams, outs, strict=True):
             target = out[start:end]
             if plan.linear:
@@ -342,57 +429,76 @@ def stream_merge(
                 torch.add(b, scaled, out=target)
             else:
                 target.copy_(torch.add(b, scaled, out=buf.tmp[:c]))
-    if not want_diag:
+        return sums
+
+    per_chunk = _map(work, range(0, n, chunk), device)
+    if diag_task is None:
         return None
-    return [counts[(lam > 0) - (lam < 0)] for lam in lams]
-
-
-@dataclass
-class _Raw:
-    touched: Tensor
-    sft: Tensor
+    totals = [0.0] * (_FIXED + 3 * len(signs))
+    for sums in per_chunk:  # chunk order: the same sums whatever the threads did
+        for j, value in enumerate(sums):
+            totals[j] += value
+    both, conflicts, nonzero, touched, top_mass = totals[:_FIXED]
+    by_sign = {}
+    for j, sign in enumerate(signs):
+        kept, mass_kept, trimmed = totals[_FIXED + 3 * j: _FIXED + 3 * j + 3]
+        by_sign[sign] = DiagnosticCounts(
+            conflicts=round(conflicts), both_nonzero=round(both), topk_mass_kept=mass_kept,
+            topk_mass=top_mass, sft_dropped=round(nonzero - kept), sft_nonzero=round(nonzero),
+            trimmed=round(trimmed), touched=round(touched))
+    return [by_sign[(lam > 0) - (lam < 0)] for lam in lams]
 
 
 def _diag_before(plan: StreamPlan, vs: list[Tensor], b: Tensor, diag_ct: Sequence[int],
-                 diag_task: int, buf: _Buffers, counts: dict[int, DiagnosticCounts],
-                 c: int) -> _Raw:
-    """Counts on the raw task vectors (before trimming); keeps what the merged delta needs."""
-    deltas = vs if not plan.linear else [v - b for v in vs]
+                 diag_task: int, buf: _Buffers, c: int) -> tuple[list[float], Tensor]:
+    """Sums over the raw task vectors (before trimming); returns them and the raw SFT delta."""
+    if plan.linear:
+        deltas = [torch.sub(v, b, out=buf.d[i][:c]) for i, v in enumerate(vs)]
+    else:
+        deltas = vs
+    # The SFT delta must survive the in-place trimming and weighting of its vector.
     sft = buf.raw_task[:c].copy_(deltas[diag_task])
-    touched = torch.ne(deltas[0], 0, out=buf.flag2[:c]).clone()
-    for d in deltas[1:]:
-        touched |= d != 0
-    both = conflicts = 0
-    for i in diag_ct:
-        product = torch.mul(deltas[i], sft, out=buf.tmp[:c])
-        both += int(product.count_nonzero())
-        conflicts += int((product < 0).count_nonzero())
-    nonzero = int(sft.count_nonzero())
-    touched_count = int(touched.count_nonzero())
-    for cnt in counts.values():
-        cnt.both_nonzero += both
-        cnt.conflicts += conflicts
-        cnt.sft_nonzero += nonzero
-        cnt.touched += touched_count
-    return _Raw(touched, sft)
-
-
-def _diag_after(plan: StreamPlan, mixed: Tensor, b: Tensor, raw: _Raw, top: Tensor | None,
-                buf: _Buffers, counts: dict[int, DiagnosticCounts], c: int) -> None:
-    merged = mixed - b if plan.linear else mixed
-    magnitude = raw.sft.abs()
-    top_mass = float((magnitude if top is None else magnitude * top).sum(dtype=torch.float64))
-    for sign, cnt in counts.items():
-        cnt.topk_mass += top_mass
-        if sign == 0:  # lambda 0: the merge changes nothing
-            cnt.trimmed += int(raw.touched.count_nonzero())
-            cnt.sft_dropped += int(raw.sft.count_nonzero())
-            continue
-        kept = (merged * raw.sft > 0) if sign > 0 else (merged * raw.sft < 0)
-        if top is not None:
-            kept_top = kept & top
+    s_sft = torch.sign(sft, out=buf.s_sft[:c])
+    a_sft = torch.abs(s_sft, out=buf.a_sft[:c])
+    touched = buf.touched[:c]
+    agree_minus_conflict = both = 0.0
+    for i, delta in enumerate(deltas):
+        if i == diag_task:
+            a = a_sft
         else:
-            kept_top = kept
-        cnt.topk_mass_kept += float((magnitude * kept_top).sum(dtype=torch.float64))
-        cnt.sft_dropped += int(raw.sft.count_nonzero()) - int(kept.count_nonzero())
-        cnt.trimmed += int((raw.touched & (merged == 0)).count_nonzero())
+            s = torch.sign(delta, out=buf.tmp[:c])
+            if i in diag_ct:
+                agree_minus_conflict += float(torch.dot(s, s_sft))
+            a = s.abs_()
+            if i in diag_ct:
+                both += float(torch.dot(a, a_sft))
+        if i == 0:
+            touched.copy_(a)
+        else:
+            torch.maximum(touched, a, out=touched)
+    conflicts = (both - agree_minus_conflict) / 2
+    return [both, conflicts, float(a_sft.sum()), float(touched.sum()), 0.0], sft
+
+
+def _diag_after(plan: StreamPlan, mixed: Tensor, b: Tensor, sft: Tensor, top: Tensor | None,
+                buf: _Buffers, sums: list[float], signs: Sequence[int], c: int) -> None:
+    merged = torch.sub(mixed, b, out=buf.tmp[:c]) if plan.linear else mixed
+    if top is None:
+        top = torch.abs(sft, out=buf.top[:c])
+    sums[4] = float(torch.dot(buf.ones[:c], top))
+    touched = sums[3]
+    product = torch.mul(merged, sft, out=buf.tmp2[:c])
+    agreement = torch.sign(product, out=product)  # +1 where the merge kept the SFT sign
+    if plan.linear:
+        # Untouched entries may round away from the base in a weighted average: count exactly.
+        changed = float(torch.dot(buf.touched[:c], torch.sign(merged, out=buf.mag[:c]).abs_()))
+    else:
+        # Untouched entries merge to exactly 0 in task arithmetic.
+        changed = float(merged.count_nonzero())
+    for sign in signs:
+        if sign == 0:  # lambda 0: the merge changes nothing
+            sums += [0.0, 0.0, touched]
+            continue
+        kept = agreement if sign > 0 else torch.neg(agreement, out=buf.mag[:c])
+        kept = kept.clamp(min=0) if len(signs) > 1 else kept.clamp_(min=0)
+        sums += [float(kept.sum()), float(torch.dot(kept, top)), touched - changed]
