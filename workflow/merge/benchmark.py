@@ -5,11 +5,12 @@
 
 Builds a bf16 Llama (hidden 2048, intermediate 5632, 16 layers, vocab 32000, untied) and two
 fine-tunes of it (base + random deltas spanning many magnitudes, see :func:`fine_tune_delta`),
-then runs the same merges with both tools in this one run: TIES (density 0.5, weight 1 each), task_arithmetic and linear; then a sweep of 8 TIES
-variants (a lambda grid) in one pass. For each it prints wall time, peak anonymous memory
-(RssAnon summed over the process tree, sampled from /proc: mmap'd file pages would inflate plain
-RSS), and the ratios; and the I/O floor (reading the three inputs and writing one output of the
-same size). The work directory is deleted at the end unless ``--keep``.
+then runs the same merges with both tools in this one run: TIES (density 0.5, weight 1 each),
+task_arithmetic and linear; then a sweep of 8 TIES variants (a lambda grid) in one pass. For
+each it prints wall time, peak anonymous memory (RssAnon summed over the process tree, sampled
+from /proc: mmap'd file pages would inflate plain RSS), and the ratios; and the I/O floor
+(reading the three inputs and writing one output of the same size). The work directory is
+deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
