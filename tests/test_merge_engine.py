@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from workflow.artifacts import read_json
 from workflow.merge.__main__ import main as merge_main
 from workflow.merge.engine import load_merged_model, merge_models
-from workflow.merge.kernels import Keep, keep_sets, stream_merge, stream_plan
+from workflow.merge.kernels import Keep, keep_sets, keep_sets_many, stream_merge, stream_plan
 from workflow.merge.methods import (
     MERGE_METHODS,
     delta_diagnostics,
@@ -47,11 +47,19 @@ def test_streaming_kernel_equals_reference(dtype, method, params, models):
     assert plan is not None
     lams = [resolved.get("lambda", 1.0), 0.5]
     outs = [torch.empty(n, dtype=dtype) for _ in lams]
+    threads = torch.get_num_threads()
     stream_merge(plan, base, xs, outs, lams, chunk=10_000)
-    assert torch.equal(outs[0], expected)
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
+    assert _same_bits(outs[0], expected)
     if method != "linear":
         other = spec(base, xs, {**resolved, "lambda": 0.5}, per_model, task)
-        assert torch.equal(outs[1], other)
+        assert _same_bits(outs[1], other)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality (torch.equal takes -0.0 for 0.0)."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return a.dtype == b.dtype and torch.equal(a.view(ints[a.dtype]), b.view(ints[b.dtype]))
 
 
 def _keep_mask(keep: Keep, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -77,6 +85,29 @@ def test_keep_sets_equal_topk_mask_with_huge_tie_groups(values):
         mask = _keep_mask(keep, x.abs(), chunk)
         assert int(mask.sum()) == k
         assert torch.equal(mask, topk_mask(x.abs(), k)), k
+
+
+def test_keep_sets_many_equal_topk_mask_per_model_and_float_masks():
+    gen = torch.Generator().manual_seed(12)
+    n, chunk = 150_001, 5_000
+    base = torch.randn(n, generator=gen).bfloat16()
+    # bf16 fine-tunes: few distinct |deltas|, so the cut falls inside a tie group
+    xs = [(base.float() + scale * torch.randn(n, generator=gen)).bfloat16()
+          for scale in (1e-2, 3e-3, 1e-3)]
+    ks = [[topk_count(0.5, n)], [topk_count(0.2, n), topk_count(0.7, n)], [], [n]]
+    found = keep_sets_many([*xs, xs[0]], base, ks, chunk, torch.device("cpu"))
+    assert found[2] == [] and found[3] == [Keep.everything()]
+    for x, model_ks, keeps in zip(xs, ks, found, strict=False):
+        magnitude = (x.float() - base.float()).abs()
+        for k, keep in zip(model_ks, keeps, strict=True):
+            want = topk_mask(magnitude, k)
+            assert keep.cut >= 0  # the tie path is exercised
+            assert torch.equal(_keep_mask(keep, magnitude, chunk), want)
+            floats = torch.empty(n)
+            for start in range(0, n, chunk):
+                end = min(n, start + chunk)
+                keep.mask(magnitude[start:end], start, floats[start:end])
+            assert torch.equal(floats, want.float())
 
 
 DIAG_CASES = [
