@@ -40,21 +40,27 @@ def hashed_split(text: str, heldout_fraction: float) -> str:
     return "test" if bucket < heldout_fraction else "train"
 
 
-def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+def iter_jsonl(path: Path, error: type[Exception] = CorpusError) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value) of each non-blank line; bad JSON raises ``error``
+    naming the file and line."""
     with _open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CorpusError(f"{path}:{number}: each line needs a string 'text' field")
-            split = record.get("split")
-            if split is not None and split not in SPLITS:
-                raise CorpusError(f"{path}:{number}: split must be one of {SPLITS}, got {split!r}")
-            yield record
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    for number, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CorpusError(f"{path}:{number}: each line needs a string 'text' field")
+        split = record.get("split")
+        if split is not None and split not in SPLITS:
+            raise CorpusError(f"{path}:{number}: split must be one of {SPLITS}, got {split!r}")
+        yield record
 
 
 def _text_records(path: Path) -> Iterator[dict[str, Any]]:

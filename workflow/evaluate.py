@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from typing import Any
 import yaml
 
 from workflow.artifacts import RECIPE_FILE, digest_of, parse_recipe_arg, read_json, write_json
+from workflow.corpus import iter_jsonl
 from workflow.prompts import LABELS
 
 log = logging.getLogger(__name__)
@@ -152,27 +152,20 @@ def _check_digest(directory: Path, expected: Any, what: str) -> None:
 def _check_records(path: Path, kind: str) -> int:
     """Validate an eval JSONL file line by line; return its record count."""
     count = 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvaluateError(f"{path}:{number}: not valid JSON ({error})") from error
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise EvaluateError(f"{path}:{number}: 'text' must be a non-empty string")
-            if kind == "topic":
-                label = record.get("label")
-                if isinstance(label, bool) or not isinstance(label, int) or not (
-                    0 <= label < len(LABELS)
-                ):
-                    raise EvaluateError(
-                        f"{path}:{number}: 'label' must be an integer in [0, {len(LABELS)}), "
-                        f"got {label!r}"
-                    )
-            count += 1
+    for number, record in iter_jsonl(path, EvaluateError):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise EvaluateError(f"{path}:{number}: 'text' must be a non-empty string")
+        if kind == "topic":
+            label = record.get("label")
+            if isinstance(label, bool) or not isinstance(label, int) or not (
+                0 <= label < len(LABELS)
+            ):
+                raise EvaluateError(
+                    f"{path}:{number}: 'label' must be an integer in [0, {len(LABELS)}), "
+                    f"got {label!r}"
+                )
+        count += 1
     if count == 0:
         raise EvaluateError(f"{path} holds no records")
     return count
