@@ -1,4 +1,5 @@
 # Evaluation: one job per model and group of suites (one model load), scored by lm-eval.
+# Jobs start through workflow.launch so that GPU jobs lease their device ids.
 
 
 rule evaluate:
@@ -20,5 +21,6 @@ rule evaluate:
         mem_mb=get_resource("evaluate", "mem_mb"),
         gpu=get_resource("evaluate", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.evaluate --recipe {params.recipe:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
+        " --threads {threads} -- workflow.evaluate --recipe {params.recipe:q} {params.args}"
         " --out {output} --threads {threads} > {log} 2>&1"

@@ -20,7 +20,8 @@ rule merge:
         mem_mb=get_resource("merge", "mem_mb"),
         gpu=get_resource("merge", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.merge --recipe {params.recipe:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
+        " --threads {threads} -- workflow.merge --recipe {params.recipe:q} {params.args}"
         " --out {output} > {log} 2>&1"
 
 
@@ -44,5 +45,6 @@ rule merge_sweep:
         mem_mb=get_resource("merge", "mem_mb"),
         gpu=get_resource("merge", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.merge --recipes {params.recipes:q} {params.args}"
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
+        " --threads {threads} -- workflow.merge --recipes {params.recipes:q} {params.args}"
         " > {log} 2>&1"
