@@ -23,7 +23,6 @@ else:
     PY = shlex.quote(sys.executable)
 # Jobs find the workflow package, and keep their caches inside the working directory.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
-os.environ.setdefault("HF_HOME", os.path.abspath(".cache/huggingface"))
 os.environ.setdefault("XDG_CACHE_HOME", os.path.abspath(".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -44,6 +43,10 @@ except ConfigError as error:
 config.clear()
 config.update(_validated)
 PLAN = Plan(config, workdir=os.getcwd())
+if not any(rule == "import_hf" for rule, _ in PLAN.by_key):
+    # Offline runs keep the HF cache in the working directory; runs that download from the
+    # hub keep the user's own (its cached models and login token).
+    os.environ.setdefault("HF_HOME", os.path.abspath(".cache/huggingface"))
 
 
 wildcard_constraints:
