@@ -61,19 +61,14 @@ def recipe(**params):
     )
 
 
+def run_prepare(tokens, corpus, tokenizer_dir, out):
+    return run_stage("prepare", "--recipe", recipe(tokens=tokens), "--corpus", str(corpus),
+                     "--tokenizer", str(tokenizer_dir), "--out", str(out))
+
+
 def test_prepare_cuts_exactly_to_the_budget(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "prepared"
-    result = run_stage(
-        "prepare",
-        "--recipe",
-        recipe(tokens=157),
-        "--corpus",
-        str(corpus),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--out",
-        str(out),
-    )
+    result = run_prepare(157, corpus, tokenizer_dir, out)
     assert result.returncode == 0, result.stderr
     tokens = np.load(out / "tokens.npy", allow_pickle=False)
     assert tokens.shape == (157,) and tokens.dtype == np.int32
@@ -84,17 +79,7 @@ def test_prepare_cuts_exactly_to_the_budget(tmp_path, corpus, tokenizer_dir):
 
 def test_too_little_text_is_a_clear_error_and_writes_nothing(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "prepared"
-    result = run_stage(
-        "prepare",
-        "--recipe",
-        recipe(tokens=10**7),
-        "--corpus",
-        str(corpus),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--out",
-        str(out),
-    )
+    result = run_prepare(10**7, corpus, tokenizer_dir, out)
     assert result.returncode != 0
     assert "holds only" in result.stderr and "10,000,000" in result.stderr
     assert str(corpus) in result.stderr
