@@ -116,7 +116,8 @@ def _recipe(model_digest: str, suites: dict[str, tuple[Path, str]], limit: int |
             "eu": {"tasks": ["topic", "bpb"], "data": suites["eu"][1]},
             "en": {"tasks": ["topic"], "data": suites["en"][1]},
         },
-        "params": {"limit": limit, "batch_size": 4, "num_fewshot": 0, "max_length": None},
+        "params": {"limit": limit, "batch_size": 4, "num_fewshot": 0, "max_length": None,
+                   "dtype": "float32"},
     }
 
 

@@ -292,3 +292,17 @@ def test_load_merged_model_equals_the_written_checkpoint(ckpts, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**ids).logits, written(**ids).logits)
     assert not list(Path(ckpts["root"]).glob("**/.m.tmp-*"))
+
+
+def test_load_merged_model_casts_to_the_evaluation_dtype(ckpts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe("task_arithmetic", {})
+    merge_models(recipe, ckpts["base"], [ckpts["ct"], ckpts["sft"]], tmp_path / "m")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    model, _ = load_merged_model(recipe, ckpts["base"], [ckpts["ct"], ckpts["sft"]],
+                                 dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(),
+                                         written.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name

@@ -50,7 +50,8 @@ OFFLINE_TASKS: dict[str, tuple[str, str]] = {
     "topic": ("_lrm_topic.yaml", "topic.jsonl"),
     "bpb": ("_lrm_bpb.yaml", "heldout.jsonl"),
 }
-PARAM_KEYS = ("limit", "batch_size", "num_fewshot", "max_length")
+PARAM_KEYS = ("limit", "batch_size", "num_fewshot", "max_length", "dtype")
+DTYPES = ("float32", "bfloat16", "float16")
 SUITE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 SEED = 1234
 
@@ -120,6 +121,8 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     _check_int(params["batch_size"], "batch_size", 1, nullable=False)
     _check_int(params["num_fewshot"], "num_fewshot", 0, nullable=False)
     _check_int(params["max_length"], "max_length", 1, nullable=True)
+    if params["dtype"] not in DTYPES:
+        raise EvaluateError(f"recipe params.dtype must be one of {DTYPES}, got {params['dtype']!r}")
 
 
 def parse_suite_args(values: list[str]) -> dict[str, Path]:
@@ -445,7 +448,7 @@ def _run_lm_eval(
         from workflow.merge.engine import load_merged_model
 
         merged, tokenizer = load_merged_model(recipe["merge"], model.base, model.models,
-                                              device=device)
+                                              device=device, dtype=params["dtype"])
         lm = HFLM(pretrained=merged, tokenizer=tokenizer, batch_size=params["batch_size"],
                   max_length=params["max_length"])
     else:
@@ -454,7 +457,7 @@ def _run_lm_eval(
             tokenizer=str(model),
             batch_size=params["batch_size"],
             device=device,
-            dtype="float32",
+            dtype=params["dtype"],
             trust_remote_code=False,
             max_length=params["max_length"],
         )

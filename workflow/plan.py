@@ -508,6 +508,7 @@ class Plan:
                 "batch_size": evaluation["batch_size"],
                 "num_fewshot": evaluation["num_fewshot"],
                 "max_length": None,
+                "dtype": evaluation["dtype"],
             },
         }
         if model.merge:

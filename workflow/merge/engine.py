@@ -624,11 +624,14 @@ def merged_state_dict(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], 
 
 
 def load_merged_model(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], *,
-                      device: str | torch.device = "cpu") -> tuple[Any, Any]:
+                      device: str | torch.device = "cpu",
+                      dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
     """Merge-on-load: build the merged model in memory, no checkpoint written.
 
     Returns ``(model, tokenizer)`` (an ``AutoModelForCausalLM`` in eval mode on ``device`` and
-    its ``AutoTokenizer``), equal to loading what :func:`merge_models` would write.
+    its ``AutoTokenizer``), equal to loading what :func:`merge_models` would write. ``dtype``
+    casts the merged weights after merging (the merge itself runs in the inputs' dtype, as the
+    written checkpoint would); None keeps the inputs' dtype.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -637,8 +640,9 @@ def load_merged_model(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], 
     if not model_type:
         raise ValueError(f"{Path(base_dir) / 'config.json'} has no 'model_type'")
     config = AutoConfig.for_model(**config_dict)
-    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+    merged_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()),
+                        torch.float32)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=merged_dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and k not in TIED_ALIASES]
@@ -646,6 +650,8 @@ def load_merged_model(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], 
         raise ValueError(f"merged tensors do not fit {model_type}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     model.tie_weights()
+    if dtype is not None:
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     return model, tokenizer
