@@ -200,6 +200,17 @@ def test_cli_rejects_missing_suite_dir(tiny_model, suites, tmp_path):
     assert not (tmp_path / "score.json").exists()
 
 
+def test_cli_rejects_malformed_and_repeated_suite_args(tiny_model, suites, tmp_path):
+    model, model_digest = tiny_model
+    recipe = _recipe(model_digest, suites, limit=None)
+    eu = f"eu={suites['eu'][0]}"
+    for args, message in (([eu, "en"], "--suite must look like NAME=PATH, got 'en'"),
+                          ([eu, eu], "--suite eu is given twice")):
+        proc = _run_cli(recipe, model, args, tmp_path / "score.json", tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "score.json").exists()
+
+
 def test_inputs_validated_before_running(tiny_model, suites, tmp_path):
     model, model_digest = tiny_model
     recipe = _recipe(model_digest, suites, limit=None)

@@ -119,3 +119,16 @@ def parse_recipe_arg(text: str) -> dict[str, Any]:
     if not isinstance(recipe, dict) or "stage" not in recipe:
         raise ValueError("--recipe must be a JSON object with a 'stage' key")
     return recipe
+
+
+def parse_named_paths(values: list[str], option: str) -> dict[str, Path]:
+    """``["eu=DIR", ...]`` (a repeatable ``NAME=PATH`` option) -> ``{"eu": Path(DIR)}``."""
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{option} must look like NAME=PATH, got {value!r}")
+        if name in named:
+            raise ValueError(f"{option} {name} is given twice")
+        named[name] = Path(path)
+    return named

@@ -37,7 +37,14 @@ from typing import Any
 
 import yaml
 
-from workflow.artifacts import RECIPE_FILE, digest_of, parse_recipe_arg, read_json, write_json
+from workflow.artifacts import (
+    RECIPE_FILE,
+    digest_of,
+    parse_named_paths,
+    parse_recipe_arg,
+    read_json,
+    write_json,
+)
 from workflow.corpus import iter_jsonl
 from workflow.prompts import LABELS
 
@@ -123,19 +130,6 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     _check_int(params["max_length"], "max_length", 1, nullable=True)
     if params["dtype"] not in DTYPES:
         raise EvaluateError(f"recipe params.dtype must be one of {DTYPES}, got {params['dtype']!r}")
-
-
-def parse_suite_args(values: list[str]) -> dict[str, Path]:
-    """``["eu=DIR", ...]`` -> ``{"eu": Path(DIR)}``."""
-    suites: dict[str, Path] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep or not name or not directory:
-            raise EvaluateError(f"--suite must be NAME=DIR, got {value!r}")
-        if name in suites:
-            raise EvaluateError(f"--suite {name} given twice")
-        suites[name] = Path(directory)
-    return suites
 
 
 def _check_digest(directory: Path, expected: Any, what: str) -> None:
@@ -504,7 +498,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"evaluate: error: bad --recipe: {error}\n")
     try:
         model = args.model or MergeOnLoad(args.merge_base, args.merge_models)
-        evaluate(recipe, model, parse_suite_args(args.suite), args.out, args.threads)
+        suites = parse_named_paths(args.suite, "--suite")
+    except ValueError as error:
+        parser.exit(2, f"evaluate: error: {error}\n")
+    try:
+        evaluate(recipe, model, suites, args.out, args.threads)
     except EvaluateError as error:
         parser.exit(2, f"evaluate: error: {error}\n")
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from workflow.artifacts import atomic_dir, parse_recipe_arg, write_recipe
+from workflow.artifacts import atomic_dir, parse_named_paths, parse_recipe_arg, write_recipe
 from workflow.corpus import read_corpus, split_records
 
 log = logging.getLogger("workflow.models")
@@ -255,13 +255,6 @@ def import_gguf(recipe: dict[str, Any], out: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _corpus_arg(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--corpus must look like NAME=PATH, got {text!r}")
-    return name, Path(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m workflow.models",
@@ -270,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
-    tok.add_argument("--corpus", type=_corpus_arg, action="append", required=True)
+    tok.add_argument("--corpus", action="append", required=True, metavar="NAME=PATH")
     hf = sub.add_parser("hf", help="import a hub id or local HF model directory")
     gguf = sub.add_parser("gguf", help="import a GGUF file shipped in a pip package")
     for command in (tok, hf, gguf):
@@ -280,9 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "tokenizer":
-            corpora = dict(args.corpus)
-            if len(corpora) != len(args.corpus):
-                raise ValueError("--corpus: the same corpus name is given twice")
+            corpora = parse_named_paths(args.corpus, "--corpus")
             build_tokenizer(args.recipe, corpora, args.out)
         elif args.command == "hf":
             import_hf(args.recipe, args.out)
