@@ -306,3 +306,19 @@ def test_load_merged_model_casts_to_the_evaluation_dtype(ckpts, tmp_path):
     for (name, ours), (_, theirs) in zip(model.state_dict().items(),
                                          written.state_dict().items(), strict=True):
         assert torch.equal(ours, theirs), name
+
+
+def test_full_disk_is_an_error_naming_the_shard_and_leaves_no_output(ckpts, tmp_path,
+                                                                    monkeypatch):
+    import errno
+    import os
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match=r"no space left on device .*model\.safetensors"):
+        merge_models(_recipe("linear", {}), ckpts["base"], [ckpts["ct"], ckpts["sft"]],
+                     tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert not list(tmp_path.glob(".m*"))

@@ -33,10 +33,12 @@ recipe.json; it appears atomically.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
 import mmap
+import os
 import shutil
 import struct
 from collections.abc import Mapping, Sequence
@@ -199,6 +201,25 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------
 
 
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    """Allocate a new shard's blocks before it is written through a memory map.
+
+    Writing a sparse file through a shared map makes the filesystem allocate blocks one page
+    fault at a time (ext4's delayed allocation): 3-4x slower than writing the same bytes
+    after one fallocate, and the cost of every output of a sweep. It also turns a full disk
+    into an error here instead of a SIGBUS mid-merge. Where the filesystem cannot preallocate,
+    the writes still work, only slower.
+    """
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise OSError(error.errno, f"no space left on device for {size / 1e9:.2f} GB",
+                              str(path)) from error
+            log.debug("no preallocation (%s); writing through page faults", error)
+
+
 class ShardWriter:
     """Pre-sized, memory-mapped safetensors shards: :meth:`view` gives the writable output of a
     tensor; :meth:`finish` writes the index (for several shards) and unmaps."""
@@ -240,6 +261,7 @@ class ShardWriter:
                 handle.write(struct.pack("<Q", len(text)) + text)
                 handle.truncate(data_start + offset)
                 handle.flush()
+                _preallocate(handle.fileno(), data_start + offset, directory / file)
                 self._maps.append(mmap.mmap(handle.fileno(), 0) if offset else None)
             for name, dtype, shape, _ in shard:
                 start = header[name]["data_offsets"][0]
