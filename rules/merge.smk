@@ -48,3 +48,29 @@ rule merge_sweep:
         STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
         " --threads {threads} -- workflow.merge --recipes {params.recipes:q} {params.args}"
         " > {log} 2>&1"
+
+
+rule merge_diagnostics:
+    # merge_options.materialize: false: the merge's diagnostics, no weights (evaluation merges
+    # on load).
+    input:
+        unpack(get_inputs("merge_diagnostics")),
+    output:
+        directory(PATTERNS["merge_diagnostics"]),
+    params:
+        recipe=get_recipe("merge_diagnostics"),
+        args=get_args("merge_diagnostics"),
+    log:
+        log_path("merge_diagnostics"),
+    benchmark:
+        benchmark_path("merge_diagnostics")
+    conda:
+        "../envs/merge.yaml"
+    threads: get_resource("merge", "threads")
+    resources:
+        mem_mb=get_resource("merge", "mem_mb"),
+        gpu=get_resource("merge", "gpu"),
+    shell:
+        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
+        " --threads {threads} -- workflow.merge --diagnostics-only --recipe {params.recipe:q}"
+        " {params.args} --out {output} > {log} 2>&1"

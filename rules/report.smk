@@ -5,6 +5,7 @@ rule report:
     input:
         scores=[artifact.path for artifact in PLAN.evaluations],
         models=[artifact.path for artifact in PLAN.trained],
+        diagnosed=PLAN.diagnosed,
     output:
         **REPORT_FILES,
     params:

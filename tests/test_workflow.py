@@ -184,12 +184,25 @@ def test_merge_on_load_writes_no_checkpoint_and_scores_the_same(copy_of_built):
     workdir, config = copy_of_built
     on_load = with_changes(config, lambda c: c.update(merge_options={"materialize": False}))
     jobs = planned_jobs(workdir, on_load)
-    assert Counter(rule for rule, _ in jobs) == {"evaluate": 6, "report": 1}
+    assert Counter(rule for rule, _ in jobs) == {"merge_diagnostics": 6, "evaluate": 6,
+                                                 "report": 1}
     snakemake(workdir, on_load)
     materialized, in_memory = _merge_scores(workdir, False), _merge_scores(workdir, True)
     assert materialized.keys() == in_memory.keys() and len(in_memory) >= 6
     for key, value in materialized.items():
         assert in_memory[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # The diagnostics still come, from a pass that writes no weights, equal to the written
+    # merge's; the report matches them to the merge-on-load scores.
+    diagnosed = sorted((workdir / "results" / "merge-diagnostics").rglob("diagnostics.json"))
+    assert len(diagnosed) == 6
+    for path in diagnosed:
+        assert not list(path.parent.glob("*.safetensors"))
+        written = workdir / "results" / "merge" / path.parent.relative_to(
+            workdir / "results" / "merge-diagnostics")
+        written = next(written.parent.glob("*/diagnostics.json"))
+        assert json.loads(path.read_text()) == json.loads(written.read_text())
+    rows = pd.read_csv(workdir / "results" / "report" / "diagnostics.csv")
+    assert len(set(rows["model_digest"])) == 6
 
 
 @pytest.mark.parametrize(

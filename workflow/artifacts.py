@@ -45,6 +45,14 @@ def digest_of(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(recipe).encode("utf-8")).hexdigest()[:DIGEST_LENGTH]
 
 
+def merged_model_digest(recipe: dict[str, Any]) -> str:
+    """The digest of the merged model a merge recipe describes. A diagnostics-only merge
+    (``merge_options.materialize: false``) has the merge's recipe with another stage."""
+    if recipe.get("stage") == "merge_diagnostics":
+        return digest_of({**recipe, "stage": "merge"})
+    return digest_of(recipe)
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:

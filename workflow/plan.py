@@ -32,6 +32,7 @@ STAGE_VERSIONS = {
     "ct": "1",
     "merge": "2",
     "merge_sweep": "1",
+    "merge_diagnostics": "1",
     "evaluate": "1",
 }
 
@@ -47,6 +48,9 @@ PATTERNS = {
     "ctsft": "results/ctsft/{model}/{lang}/{tokens}/{digest}",
     "merge": "results/merge/{model}/{langs}/{tokens}/{method}/{hparams}/{digest}",
     "merge_sweep": "results/sweep/{model}/{langs}/{tokens}/{method}/{digest}",
+    # materialize: false: the diagnostics (and recipe, card, mergekit.yaml) without weights.
+    "merge_diagnostics": "results/merge-diagnostics/{model}/{langs}/{tokens}/{method}/{hparams}"
+    "/{digest}",
     "evaluate": "results/eval/{subject}/{suites}/{digest}/scores.json",
 }
 REPORT_FILES = {
@@ -242,7 +246,8 @@ class Plan:
         self.by_key: dict[tuple[str, str], Artifact] = {}
         self.evaluations: list[Artifact] = []
         self.trained: list[Artifact] = []
-        self.merged: list[str] = []  # directories of materialized merged models
+        self.merged: list[str] = []  # merge directories with diagnostics.json (report input)
+        self.diagnosed: list[str] = []  # diagnostics-only merges (no evaluation needs them)
         self._build()
         self.hashes.save()
 
@@ -445,6 +450,15 @@ class Plan:
         merges = [self._merge_variant(variant, cts, tokens) for variant in variants]
         options = self.config["merge_options"]
         if not options["materialize"]:
+            # One pass per merge computes its diagnostics; no weights are written. The recipe
+            # is the merge's (its version too) under another stage: merged_model_digest().
+            for variant, merge in zip(variants, merges, strict=True):
+                diag = self._add(
+                    "merge_diagnostics", {**merge.recipe, "stage": "merge_diagnostics"},
+                    merge.inputs, model=self.name, langs="+".join(sorted(cts)), tokens=tokens,
+                    method=variant.method, hparams=variant.label)
+                self.merged.append(diag.path)
+                self.diagnosed.append(diag.path)
             return [
                 ModelRef(
                     merge.digest,

@@ -35,7 +35,13 @@ matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from workflow.artifacts import atomic_file, parse_recipe_arg, read_json, write_recipe
+from workflow.artifacts import (
+    atomic_file,
+    merged_model_digest,
+    parse_recipe_arg,
+    read_json,
+    write_recipe,
+)
 
 log = logging.getLogger("workflow.report")
 
@@ -162,7 +168,7 @@ def load_scores(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 
 TRAIN_COLUMNS = ["tokens_budget", "tokens_trained", "steps", "wall_s", "tokens_per_s",
-                 "final_loss", "peak_rss_mb"]
+                 "input_tokens_per_s", "final_loss", "peak_rss_mb"]
 
 
 def load_train_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -356,8 +362,8 @@ def table_specs(frame: pd.DataFrame) -> list[TableSpec]:
 
 def _training_markdown(train: pd.DataFrame, scores: pd.DataFrame) -> str:
     subjects = scores.drop_duplicates("model_digest").set_index("model_digest")
-    header = ["model", "langs", "budget", "tokens trained", "steps", "tokens/s", "wall (s)",
-              "final loss", "peak RSS (MB)"]
+    header = ["model", "langs", "budget", "tokens trained", "steps", "trained tokens/s",
+              "input tokens/s", "wall (s)", "final loss", "peak RSS (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(value: Any, spec: str) -> str:
@@ -372,7 +378,8 @@ def _training_markdown(train: pd.DataFrame, scores: pd.DataFrame) -> str:
             str(label), langs or MISSING,
             MISSING if pd.isna(row["tokens_budget"]) else format_tokens(row["tokens_budget"]),
             fmt(row["tokens_trained"], ",.0f"), fmt(row["steps"], ".0f"),
-            fmt(row["tokens_per_s"], ",.0f"), fmt(row["wall_s"], ".1f"),
+            fmt(row["tokens_per_s"], ",.0f"), fmt(row["input_tokens_per_s"], ",.0f"),
+            fmt(row["wall_s"], ".1f"),
             fmt(row["final_loss"], ".3f"), fmt(row["peak_rss_mb"], ",.0f"),
         ]) + " |")
     return "\n".join(lines)
@@ -525,15 +532,15 @@ DIAGNOSTIC_METRICS = ("sft_topk_mass_kept", "sign_conflict", "trimmed")
 def load_diagnostics(paths: Iterable[str | Path], scores: pd.DataFrame) -> pd.DataFrame:
     """One row per merged model x scope ("overall", "layer N") with the diagnostic ratios.
 
-    Each ``diagnostics.json`` is matched to its model's scores by the digest in the
-    ``recipe.json`` beside it, which gives the readable fields (languages, budget, method)."""
+    Each ``diagnostics.json`` is matched to its model's scores by the digest of the merge
+    recipe beside it, which gives the readable fields (languages, budget, method)."""
     subjects = scores.drop_duplicates("model_digest").set_index("model_digest")
     rows = []
     for path in map(Path, paths):
         try:
             data = read_json(path)
-            digest = read_json(path.parent / "recipe.json")["digest"]
-        except (OSError, ValueError, KeyError) as error:
+            digest = merged_model_digest(read_json(path.parent / "recipe.json")["recipe"])
+        except (OSError, ValueError, KeyError, AttributeError) as error:
             raise ReportError(f"{path}: cannot read merge diagnostics: {error}") from error
         if digest not in subjects.index:
             log.warning("%s: no scores for model %s; left out of the diagnostics", path, digest)

@@ -354,8 +354,9 @@ class TopUp(torch.utils.data.Dataset):
 class CountingCollator:
     """Right-pads a batch and counts the label tokens handed to training (shifted, as the loss).
 
-    With ``with_counts`` the batch also carries ``token_counts`` = [target, replay] label tokens,
-    which the training step takes out (and counts) before the model sees the batch.
+    With ``with_counts`` the batch also carries ``token_counts`` = [target, replay] label tokens
+    and the input tokens (padding excluded), which the training step takes out (and counts)
+    before the model sees the batch.
     """
 
     def __init__(self, pad_id: int, with_counts: bool = False) -> None:
@@ -368,14 +369,15 @@ class CountingCollator:
         input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
-        counts = torch.zeros(2, dtype=torch.long)
+        counts = torch.zeros(3, dtype=torch.long)
         for row, feature in enumerate(features):
             n = len(feature["input_ids"])
             input_ids[row, :n] = torch.tensor(feature["input_ids"])
             labels[row, :n] = torch.tensor(feature["labels"])
             mask[row, :n] = 1
             counts[feature.get("source", 0)] += int((labels[row, 1:] != IGNORE).sum())
-        self.label_tokens += int(counts.sum())
+            counts[2] += n
+        self.label_tokens += int(counts[:2].sum())
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         if self.with_counts:
             batch["token_counts"] = counts
@@ -389,6 +391,12 @@ def count_targets(dataset: Any) -> int:
 
 
 # --------------------------------------------------------------------------- training
+
+
+def _checkpoint_counts(checkpoint: Path, rank: int) -> tuple[int, int, int]:
+    """A rank's token counts saved with a checkpoint (older checkpoints lack the inputs)."""
+    counts = read_json(checkpoint / f"lrmerge-counts-{rank}.json")["token_counts"]
+    return tuple([*counts, 0, 0, 0][:3])  # type: ignore[return-value]
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -496,13 +504,14 @@ def _trainer_classes() -> tuple[type, type]:
     from transformers import Trainer, TrainerCallback
 
     class CountingTrainer(Trainer):
-        """Counts the label tokens of every micro-batch that reaches the optimizer."""
+        """Counts the tokens of every micro-batch that reaches the optimizer: [target labels,
+        replay labels, inputs]."""
 
-        token_counts = (0, 0)
+        token_counts = (0, 0, 0)
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
             counts = inputs.pop("token_counts").tolist()
-            self.token_counts = (self.token_counts[0] + counts[0], self.token_counts[1] + counts[1])
+            self.token_counts = tuple(a + b for a, b in zip(self.token_counts, counts, strict=True))
             return super().training_step(model, inputs, num_items_in_batch)
 
     class CheckpointMarks(TrainerCallback):
@@ -602,14 +611,12 @@ def run_training(
     )
     marks.trainer = trainer
     resumed_step = 0
-    resumed_tokens = 0  # over all processes; the checkpoint itself is rotated away later
+    resumed_tokens = resumed_inputs = 0  # over all processes; the checkpoint is rotated away later
     if resume is not None:
-        counts = read_json(resume / f"lrmerge-counts-{args.process_index}.json")["token_counts"]
-        trainer.token_counts = tuple(counts)
-        resumed_tokens = sum(
-            sum(read_json(resume / f"lrmerge-counts-{r}.json")["token_counts"])
-            for r in range(world)
-        )
+        trainer.token_counts = _checkpoint_counts(resume, args.process_index)
+        resumed = [_checkpoint_counts(resume, r) for r in range(world)]
+        resumed_tokens = sum(c[0] + c[1] for c in resumed)
+        resumed_inputs = sum(c[2] for c in resumed)
         resumed_step = int(resume.name.removeprefix("checkpoint-"))
         log.info("resuming from %s (step %d of %d)", resume, resumed_step, steps)
     start = time.perf_counter()
@@ -617,7 +624,7 @@ def run_training(
     wall = time.perf_counter() - start
     if trainer.state.global_step != steps:
         raise RuntimeError(f"Trainer ran {trainer.state.global_step} steps, expected {steps}")
-    target, replay = (int(v) for v in _all_reduce([float(c) for c in trainer.token_counts]))
+    target, replay, inputs = (int(v) for v in _all_reduce([float(c) for c in trainer.token_counts]))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     rss_mb, peak_gpu = _all_reduce([rss_mb, peak_gpu], op="max")
@@ -630,6 +637,8 @@ def run_training(
         "wall_s": round(wall, 3),
         # Tokens of this process's run only: a resumed job did not retrain the earlier ones.
         "tokens_per_s": round(trained_now / wall, 1) if wall > 0 else None,
+        # Throughput in input tokens: for SFT (answer-only loss) far more than the label tokens.
+        "input_tokens_per_s": round((inputs - resumed_inputs) / wall, 1) if wall > 0 else None,
         "final_loss": losses[-1] if losses else output.training_loss,
         "mean_loss": output.training_loss,
         "peak_rss_mb": round(rss_mb, 1),

@@ -50,14 +50,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch device for the math (default: cuda when present, else cpu)")
     parser.add_argument("--no-diagnostics", action="store_true",
                         help="skip diagnostics.json (faster)")
+    parser.add_argument("--diagnostics-only", action="store_true",
+                        help="compute the merge for diagnostics.json and write no weights "
+                        "(merge_options.materialize: false)")
     args = parser.parse_args(argv)
     recipes = [args.recipe] if args.recipe is not None else args.recipes
     out_dirs = [args.out] if args.out is not None else args.outs
     if len(recipes) != len(out_dirs):
         parser.error(f"{len(recipes)} recipes but {len(out_dirs)} output directories")
+    if args.diagnostics_only and args.no_diagnostics:
+        parser.error("--diagnostics-only and --no-diagnostics exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     merge_many(recipes, args.base, args.models, out_dirs, max_shard_bytes=args.max_shard_bytes,
-               device=args.device, diagnostics=not args.no_diagnostics)
+               device=args.device, diagnostics=not args.no_diagnostics,
+               weights=not args.diagnostics_only)
 
 
 if __name__ == "__main__":

@@ -150,8 +150,8 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, peak_kb / 1e6
 
 
-def io_floor(inputs: list[Path], out: Path) -> float:
-    """Seconds to read every input shard and write one output of the first one's size."""
+def io_floor(inputs: list[Path], out: Path, outputs: int = 1) -> float:
+    """Seconds to read every input shard and write ``outputs`` files of the first one's size."""
     buffer = bytearray(64 << 20)
     view = memoryview(buffer)
     start = time.perf_counter()
@@ -161,12 +161,15 @@ def io_floor(inputs: list[Path], out: Path) -> float:
             with open(f, "rb", buffering=0) as handle:
                 while n := handle.readinto(buffer):
                     size += n if d == inputs[0] else 0
-    with open(out, "wb", buffering=0) as handle:
-        left = size
-        while left > 0:
-            left -= handle.write(view[: min(left, len(buffer))])
+    files = [out.with_name(f"{out.name}-{j}") for j in range(outputs)]
+    for file in files:
+        with open(file, "wb", buffering=0) as handle:
+            left = size
+            while left > 0:
+                left -= handle.write(view[: min(left, len(buffer))])
     wall = time.perf_counter() - start
-    out.unlink()
+    for file in files:
+        file.unlink()
     return wall
 
 
@@ -232,8 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         for out in outs:
             shutil.rmtree(out)
         single = rows[0][1][0]
+        sweep_floor = io_floor(models, root / "floor.bin", outputs=len(outs))
         print(f"sweep of 8 TIES variants (lambda 0.5..1.2) in one pass: {sweep[0]:.1f} s, "
-              f"{sweep[1]:.2f} GB = {sweep[0] / single:.2f}x one TIES merge", flush=True)
+              f"{sweep[1]:.2f} GB = {sweep[0] / single:.2f}x one TIES merge | I/O floor "
+              f"(read 3 inputs + write 8 outputs) {sweep_floor:.1f} s = "
+              f"{sweep_floor / single:.2f}x one TIES merge", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

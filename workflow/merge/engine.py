@@ -287,6 +287,20 @@ class ShardWriter:
                         "weight_map": self.weight_map})
 
 
+class DiscardSink:
+    """Takes each merged tensor and drops it (diagnostics-only merges: no weights written)."""
+
+    def __init__(self, layout: Sequence[tuple[str, torch.dtype, tuple]]) -> None:
+        self._layout = {name: (dtype, shape) for name, dtype, shape in layout}
+
+    def view(self, name: str) -> Tensor:
+        dtype, shape = self._layout[name]
+        return torch.empty(shape, dtype=dtype)
+
+    def finish(self) -> None:
+        pass
+
+
 class MemorySink:
     """Collects merged tensors in memory (merge-on-load)."""
 
@@ -410,10 +424,14 @@ class Variant:
     counts: dict[str, DiagnosticCounts] = field(default_factory=dict)
 
 
+# A diagnostics-only merge (materialize: false) carries the merge's recipe under its own stage.
+MERGE_STAGES = ("merge", "merge_diagnostics")
+
+
 def _spec_from_recipe(recipe: Mapping[str, Any]) -> tuple[str, dict[str, Any], list[dict]]:
-    if not isinstance(recipe, Mapping) or recipe.get("stage") != "merge":
+    if not isinstance(recipe, Mapping) or recipe.get("stage") not in MERGE_STAGES:
         stage = recipe.get("stage") if isinstance(recipe, Mapping) else recipe
-        raise ValueError(f"recipe 'stage' must be 'merge', got {stage!r}")
+        raise ValueError(f"recipe 'stage' must be one of {MERGE_STAGES}, got {stage!r}")
     for key in ("method", "params", "models"):
         if key not in recipe:
             raise ValueError(f"merge recipe has no {key!r} key")
@@ -565,12 +583,17 @@ def _model_card(recipe: dict, yaml_text: str | None) -> str:
 
 def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Path],
                out_dirs: Sequence[Path], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-               device: str | torch.device | None = None, diagnostics: bool = True) -> None:
+               device: str | torch.device | None = None, diagnostics: bool = True,
+               weights: bool = True) -> None:
     """Merge several recipes over the same base and models in one pass over the inputs.
 
     ``model_dirs`` follow each recipe's "models" order; every recipe must list the same models
-    (the same count and roles), and ``out_dirs[j]`` receives ``recipes[j]``.
+    (the same count and roles), and ``out_dirs[j]`` receives ``recipes[j]``. Without
+    ``weights`` each output gets only the diagnostics, the recipe, the model card and the
+    mergekit YAML (the merge is computed and dropped tensor by tensor).
     """
+    if not weights and not diagnostics:
+        raise ValueError("a merge without weights is only for its diagnostics")
     from workflow.merge.mergekit_yaml import mergekit_yaml
 
     if not recipes or len(recipes) != len(out_dirs):
@@ -591,7 +614,8 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
              len(variants), device)
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(out)) for out in out_dirs]
-        writers = [ShardWriter(tmp, layout, max_shard_bytes) for tmp in tmps]
+        writers = [ShardWriter(tmp, layout, max_shard_bytes) if weights else DiscardSink(layout)
+                   for tmp in tmps]
         try:
             _run(variants, base, inputs, plans, writers, device, diagnostics)
         finally:
@@ -599,11 +623,12 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
                 writer.finish()
         config = _output_config(base, inputs, extender)
         for tmp, v in zip(tmps, variants, strict=True):
-            write_json(tmp / "config.json", config)
-            source = _tokenizer_source(base_dir, model_dirs, v.task_index, extender)
-            for name in SIDE_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, tmp / name)
+            if weights:
+                write_json(tmp / "config.json", config)
+                source = _tokenizer_source(base_dir, model_dirs, v.task_index, extender)
+                for name in SIDE_FILES:
+                    if (source / name).is_file():
+                        shutil.copy2(source / name, tmp / name)
             if diagnostics:
                 write_json(tmp / DIAGNOSTICS_FILE, {
                     "method": v.method,
