@@ -322,3 +322,22 @@ def test_full_disk_is_an_error_naming_the_shard_and_leaves_no_output(ckpts, tmp_
                      tmp_path / "m")
     assert not (tmp_path / "m").exists()
     assert not list(tmp_path.glob(".m*"))
+
+
+def test_diagnostics_only_sweep_writes_no_weights_and_the_same_diagnostics(ckpts, tmp_path):
+    from workflow.merge.engine import merge_many
+
+    recipes = [_recipe("ties_sv", {"slack": 0.1, "lambda": lam}, {"density": 0.5},
+                       {"density": 0.4}) for lam in (0.5, 1.0)]
+    models = [ckpts["ct"], ckpts["sft"]]
+    full = [tmp_path / f"full{i}" for i in range(2)]
+    diag = [tmp_path / f"diag{i}" for i in range(2)]
+    merge_many(recipes, ckpts["base"], models, full)
+    merge_many(recipes, ckpts["base"], models, diag, weights=False)
+    for written, diagnosed in zip(full, diag, strict=True):
+        assert not list(diagnosed.glob("*.safetensors"))
+        assert not (diagnosed / "config.json").exists()
+        assert read_json(diagnosed / "diagnostics.json") == read_json(written / "diagnostics.json")
+        assert (diagnosed / "README.md").is_file()
+    with pytest.raises(ValueError, match="only for its diagnostics"):
+        merge_many(recipes, ckpts["base"], models, diag, weights=False, diagnostics=False)

@@ -6,7 +6,8 @@
 Builds a bf16 Llama (hidden 2048, intermediate 5632, 16 layers, vocab 32000, untied) and two
 fine-tunes of it (base + random deltas spanning many magnitudes, see :func:`fine_tune_delta`),
 then runs the same merges with both tools in this one run: TIES (density 0.5, weight 1 each),
-task_arithmetic and linear; then a sweep of 8 TIES variants (a lambda grid) in one pass. For
+task_arithmetic and linear; then a sweep of 8 TIES variants (a lambda grid) in one pass, and
+the same sweep computing only its diagnostics (``merge_options.materialize: false``). For
 each it prints wall time, peak anonymous memory (RssAnon summed over the process tree, sampled
 from /proc: mmap'd file pages would inflate plain RSS), and the ratios; and the I/O floor
 (reading the three inputs and writing one output of the same size). The work directory is
@@ -234,12 +235,22 @@ def main(argv: list[str] | None = None) -> None:
                        "--outs", *map(str, outs)], root / "sweep.log")
         for out in outs:
             shutil.rmtree(out)
+        # merge_options.materialize: false: the same pass for the diagnostics, no weights.
+        diag_only = timed([sys.executable, "-m", "workflow.merge", "--diagnostics-only",
+                           "--recipes", json.dumps([recipe("ties", lam) for lam in lams]),
+                           "--base", str(base), "--models", *map(str, fts),
+                           "--outs", *map(str, outs)], root / "sweep-diagnostics.log")
+        for out in outs:
+            shutil.rmtree(out)
         single = rows[0][1][0]
         sweep_floor = io_floor(models, root / "floor.bin", outputs=len(outs))
         print(f"sweep of 8 TIES variants (lambda 0.5..1.2) in one pass: {sweep[0]:.1f} s, "
               f"{sweep[1]:.2f} GB = {sweep[0] / single:.2f}x one TIES merge | I/O floor "
               f"(read 3 inputs + write 8 outputs) {sweep_floor:.1f} s = "
               f"{sweep_floor / single:.2f}x one TIES merge", flush=True)
+        print(f"the same sweep for its diagnostics only (materialize: false): "
+              f"{diag_only[0]:.1f} s, {diag_only[1]:.2f} GB = {diag_only[0] / single:.2f}x one "
+              "TIES merge", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

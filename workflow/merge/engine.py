@@ -288,14 +288,22 @@ class ShardWriter:
 
 
 class DiscardSink:
-    """Takes each merged tensor and drops it (diagnostics-only merges: no weights written)."""
+    """Takes each merged tensor and drops it (diagnostics-only merges: no weights written).
+
+    Nothing reads an output back, so every variant of a sweep shares one scratch buffer of the
+    current tensor's shape: memory stays at one copy of the largest tensor.
+    """
 
     def __init__(self, layout: Sequence[tuple[str, torch.dtype, tuple]]) -> None:
         self._layout = {name: (dtype, shape) for name, dtype, shape in layout}
+        self._scratch = torch.empty(0)
 
     def view(self, name: str) -> Tensor:
         dtype, shape = self._layout[name]
-        return torch.empty(shape, dtype=dtype)
+        if self._scratch.dtype != dtype or tuple(self._scratch.shape) != tuple(shape):
+            self._scratch = torch.empty(0)  # free the old one before allocating
+            self._scratch = torch.empty(shape, dtype=dtype)
+        return self._scratch
 
     def finish(self) -> None:
         pass
@@ -614,7 +622,8 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
              len(variants), device)
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(out)) for out in out_dirs]
-        writers = [ShardWriter(tmp, layout, max_shard_bytes) if weights else DiscardSink(layout)
+        discard = DiscardSink(layout)
+        writers = [ShardWriter(tmp, layout, max_shard_bytes) if weights else discard
                    for tmp in tmps]
         try:
             _run(variants, base, inputs, plans, writers, device, diagnostics)
