@@ -123,3 +123,5 @@ def benchmark_path(rule_name):
 
 # Every stage runs as `python -m workflow.<module>`, threads capped to the job's allotment.
 STAGE_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+# One process on the job's leased GPU ids (none with gpu=0): evaluation and merge jobs.
+LAUNCH_ONE = STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1 --threads {threads} --"

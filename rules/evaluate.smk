@@ -21,6 +21,5 @@ rule evaluate:
         mem_mb=get_resource("evaluate", "mem_mb"),
         gpu=get_resource("evaluate", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
-        " --threads {threads} -- workflow.evaluate --recipe {params.recipe:q} {params.args}"
+        LAUNCH_ONE + " workflow.evaluate --recipe {params.recipe:q} {params.args}"
         " --out {output} --threads {threads} > {log} 2>&1"

@@ -20,8 +20,7 @@ rule merge:
         mem_mb=get_resource("merge", "mem_mb"),
         gpu=get_resource("merge", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
-        " --threads {threads} -- workflow.merge --recipe {params.recipe:q} {params.args}"
+        LAUNCH_ONE + " workflow.merge --recipe {params.recipe:q} {params.args}"
         " --out {output} > {log} 2>&1"
 
 
@@ -45,8 +44,7 @@ rule merge_sweep:
         mem_mb=get_resource("merge", "mem_mb"),
         gpu=get_resource("merge", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
-        " --threads {threads} -- workflow.merge --recipes {params.recipes:q} {params.args}"
+        LAUNCH_ONE + " workflow.merge --recipes {params.recipes:q} {params.args}"
         " > {log} 2>&1"
 
 
@@ -71,6 +69,5 @@ rule merge_diagnostics:
         mem_mb=get_resource("merge", "mem_mb"),
         gpu=get_resource("merge", "gpu"),
     shell:
-        STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1"
-        " --threads {threads} -- workflow.merge --diagnostics-only --recipe {params.recipe:q}"
+        LAUNCH_ONE + " workflow.merge --diagnostics-only --recipe {params.recipe:q}"
         " {params.args} --out {output} > {log} 2>&1"

@@ -247,7 +247,6 @@ class Plan:
         self.evaluations: list[Artifact] = []
         self.trained: list[Artifact] = []
         self.merged: list[str] = []  # merge directories with diagnostics.json (report input)
-        self.diagnosed: list[str] = []  # diagnostics-only merges (no evaluation needs them)
         self._build()
         self.hashes.save()
 
@@ -269,6 +268,11 @@ class Plan:
         self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any
     ) -> Artifact:
         return self._register(self._make(rule, recipe, inputs, **wildcards))
+
+    @property
+    def diagnosed(self) -> list[str]:
+        """Diagnostics-only merges: no evaluation needs them, so the report asks for them."""
+        return [a.path for (rule, _), a in self.by_key.items() if rule == "merge_diagnostics"]
 
     def get(self, rule: str, digest: str) -> Artifact:
         try:
@@ -458,7 +462,6 @@ class Plan:
                     merge.inputs, model=self.name, langs="+".join(sorted(cts)), tokens=tokens,
                     method=variant.method, hparams=variant.label)
                 self.merged.append(diag.path)
-                self.diagnosed.append(diag.path)
             return [
                 ModelRef(
                     merge.digest,

@@ -622,9 +622,8 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
              len(variants), device)
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(out)) for out in out_dirs]
-        discard = DiscardSink(layout)
-        writers = [ShardWriter(tmp, layout, max_shard_bytes) if weights else discard
-                   for tmp in tmps]
+        writers = ([ShardWriter(tmp, layout, max_shard_bytes) for tmp in tmps] if weights
+                   else [DiscardSink(layout)] * len(tmps))  # one shared scratch buffer
         try:
             _run(variants, base, inputs, plans, writers, device, diagnostics)
         finally:
