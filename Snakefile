@@ -1,5 +1,6 @@
 # lrmerge: teach LLMs low-resource languages by continual pre-training and model merging.
-# Wiring only: config + validation, the plan, the rule files, rule all.
+# Wiring only: config + validation, the plan, the rule files (each stage's rule comes from the
+# stage table, workflow/stages.py), rule all.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -20,3 +21,12 @@ rule all:
     input:
         get_final_targets(),
     default_target: True
+
+
+onsuccess:
+    # results/report/latest: the report of this config, also when nothing had to run (a config
+    # switched back to an earlier one finds its report already built).
+    if not workflow.dryrun and os.path.isdir(PLAN.report.path):
+        from workflow.artifacts import point_latest
+
+        point_latest(PLAN.report.path)

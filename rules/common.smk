@@ -1,4 +1,5 @@
-# Helpers shared by the rule files: config validation, the plan, input functions, resources.
+# Helpers shared by the rule files: config validation, the plan, input functions, resources,
+# and stage_rules(), which defines each stage's rule from the stage table.
 import json
 import os
 import shlex
@@ -11,7 +12,9 @@ from snakemake.utils import update_config
 sys.path.insert(0, workflow.basedir)
 
 from workflow.config import ConfigError, validate_config  # noqa: E402
-from workflow.plan import PATTERNS, REPORT_FILES, WILDCARD_CONSTRAINTS, Plan  # noqa: E402
+from workflow.artifacts import IntegrityError, check_sizes, is_complete  # noqa: E402
+from workflow.plan import REPORT_LATEST, WILDCARD_CONSTRAINTS, Plan  # noqa: E402
+from workflow.stages import PATTERNS, STAGES  # noqa: E402
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod  # noqa: E402
 
@@ -28,21 +31,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 DEFAULT_CONFIG = "config.yaml"
-if not workflow.overwrite_configfiles:
-    # No --configfile: the default run, from the working directory or the project.
-    _default = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else os.path.join(workflow.basedir, DEFAULT_CONFIG)
-    _overrides = dict(config)
-    config.clear()
-    config.update(load_configfile(_default))
-    update_config(config, _overrides)
+from workflow.config import load_workflow_config  # noqa: E402
 
+# Snakemake read the --configfile files laxly (a duplicate key keeps its last value) and left
+# numbers inside --config lists as strings: compose the config again, strictly. No
+# --configfile: the default run, from the working directory or the project.
+_configfiles = list(workflow.overwrite_configfiles) or [
+    os.path.abspath(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else os.path.join(workflow.basedir, DEFAULT_CONFIG)
+]
 try:
-    _validated = validate_config(config, workdir=os.getcwd())
+    _validated = load_workflow_config(_configfiles, workflow.config_settings.config, workdir=os.getcwd())
 except ConfigError as error:
     raise WorkflowError(f"invalid config: {error}") from None
 config.clear()
 config.update(_validated)
 PLAN = Plan(config, workdir=os.getcwd())
+# The digest is the only rebuild criterion (README: "What is rebuilt, and what never is"): a job
+# runs when its output is missing. Input mtimes never reach a finished artifact (get_inputs
+# declares none); Snakemake's other triggers (changed params, code, input set or software
+# environment, from .snakemake/metadata) would rebuild in place artifacts whose recipe did not
+# change, so they are switched off here, whatever a profile or command line says. (The DAG
+# settings do not exist yet while the Snakefile is parsed, hence the property.)
+if not isinstance(getattr(type(workflow), "rerun_triggers", None), property):
+    raise WorkflowError("this Snakemake has no Workflow.rerun_triggers: lrmerge needs 9.x")
+type(workflow).rerun_triggers = property(lambda self: frozenset())
 if not any(rule == "import_hf" for rule, _ in PLAN.by_key):
     # Offline runs keep the HF cache in the working directory; runs that download from the
     # hub keep the user's own (its cached models and login token).
@@ -65,47 +77,84 @@ def _artifact(rule_name, wildcards):
     return artifact
 
 
+def _flat_inputs(artifact):
+    """An artifact's inputs as named paths (nested dicts flattened, lists kept) for unpack()."""
+    flat = {}
+    for key, value in artifact.inputs.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{name}": path for name, path in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def get_inputs(rule_name):
-    """Input function: the artifact's inputs, nested dicts flattened for unpack()."""
+    """Input function. A finished artifact needs nothing: its digest already says what it was
+    built from, so neither an input's mtime nor its path can make Snakemake rebuild (and so
+    delete) it, and its upstream jobs are not even planned. An artifact still to build needs
+    its inputs, as usual."""
 
     def inputs(wildcards):
-        flat = {}
-        for key, value in _artifact(rule_name, wildcards).inputs.items():
-            if isinstance(value, dict):
-                flat.update({f"{key}_{name}": path for name, path in value.items()})
-            else:
-                flat[key] = value
-        return flat
+        artifact = _artifact(rule_name, wildcards)
+        if not is_complete(artifact.path):
+            return _flat_inputs(artifact)
+        try:  # a finished artifact with a missing or resized file stops the run, named
+            check_sizes(artifact.path)
+        except IntegrityError as error:
+            raise WorkflowError(str(error)) from None
+        return {}
 
     return inputs
 
 
-def get_recipe(rule_name):
-    return lambda wildcards: _artifact(rule_name, wildcards).recipe_json
+def _paths(value):
+    if isinstance(value, dict):
+        return [path for item in value.values() for path in _paths(item)]
+    return list(value) if isinstance(value, list) else [value]
 
 
-def get_sweep_recipes(wildcards):
-    """A sweep job's variant recipes, as the JSON list `python -m workflow.merge --recipes` takes."""
-    return json.dumps(_artifact("merge_sweep", wildcards).recipe["variants"], sort_keys=True)
-
-
-def get_args(rule_name):
+def _stage_args(artifact):
     """The stage's input flags: --key path, --key p1 p2, or --key name=path per entry."""
+    parts = []
+    for key, value in (artifact.cli or artifact.inputs).items():
+        if isinstance(value, dict):
+            for name, path in value.items():
+                parts += [f"--{key}", f"{name}={path}"]
+        elif isinstance(value, list):
+            parts += [f"--{key}", *value]
+        else:
+            parts += [f"--{key}", value]
+    return parts
 
-    def args(wildcards):
-        parts = []
+
+def stage_command(rule_name):
+    """Params function: the job's whole command line, from the stage table and the plan."""
+    stage = STAGES[rule_name]
+
+    def command(wildcards, threads, resources):
         artifact = _artifact(rule_name, wildcards)
-        for key, value in (artifact.cli or artifact.inputs).items():
-            if isinstance(value, dict):
-                for name, path in value.items():
-                    parts += [f"--{key}", shlex.quote(f"{name}={path}")]
-            elif isinstance(value, list):
-                parts += [f"--{key}", *map(shlex.quote, value)]
-            else:
-                parts += [f"--{key}", shlex.quote(value)]
-        return " ".join(parts)
+        launch = [PY, "-m", "workflow.launch", "--gpus", str(resources.gpu), "--threads", str(threads)]
+        if stage.processes == "one":
+            launch += ["--nproc", "1"]
+        if config["integrity"]["verify_inputs"] and stage.verify_inputs:
+            verified = [path for path in _paths(artifact.inputs) if path.startswith("results/")]
+            if verified:
+                launch += ["--verify", *verified]
+        if rule_name == "merge_sweep":
+            recipe = ["--recipes", json.dumps(artifact.recipe["variants"], sort_keys=True)]
+        else:
+            recipe = ["--recipe", artifact.recipe_json]
+        run = [*stage.command.split(), *stage.flags.split(), *recipe, *_stage_args(artifact)]
+        if rule_name != "merge_sweep":
+            run += ["--out", artifact.path]
+        if stage.threads_flag:
+            run += ["--threads", str(threads)]
+        if stage.nonfinite_flag and config["integrity"]["allow_nonfinite"]:
+            run.append("--allow-nonfinite")
+        env = f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        return " ".join([env, *map(shlex.quote, [*launch, "--", *run])])
 
-    return args
+    return command
 
 
 def get_resource(stage, key):
@@ -113,15 +162,35 @@ def get_resource(stage, key):
     return resources.get(stage, {}).get(key, resources["default"].get(key, {"threads": 1, "mem_mb": 2000, "gpu": 0}[key]))
 
 
-def log_path(rule_name):
-    return "logs/" + PATTERNS[rule_name].removeprefix("results/").removesuffix("/scores.json") + ".log"
+def _job_file(root, rule_name, suffix):
+    return root + PATTERNS[rule_name].removeprefix("results/").removesuffix("/scores.json") + suffix
 
 
-def benchmark_path(rule_name):
-    return "benchmarks/" + PATTERNS[rule_name].removeprefix("results/").removesuffix("/scores.json") + ".tsv"
+def stage_rules(*names):
+    """Define the rules of these stages: everything that differs between them is in the stage
+    table (workflow/stages.py) and the plan."""
+    for name in names:
+        stage = STAGES[name]
 
-
-# Every stage runs as `python -m workflow.<module>`, threads capped to the job's allotment.
-STAGE_ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-# One process on the job's leased GPU ids (none with gpu=0): evaluation and merge jobs.
-LAUNCH_ONE = STAGE_ENV + " {PY} -m workflow.launch --gpus {resources.gpu} --nproc 1 --threads {threads} --"
+        rule:
+            name:
+                name
+            input:
+                unpack(get_inputs(name)),
+            output:
+                stage.pattern if stage.output_file else directory(stage.pattern),
+            params:
+                command=stage_command(name),
+            log:
+                _job_file("logs/", name, ".log"),
+            benchmark:
+                _job_file("benchmarks/", name, ".tsv")
+            priority: stage.priority
+            conda:
+                f"../envs/{stage.env}.yaml"
+            threads: get_resource(stage.resources, "threads")
+            resources:
+                mem_mb=get_resource(stage.resources, "mem_mb"),
+                gpu=get_resource(stage.resources, "gpu"),
+            shell:
+                "{params.command} > {log} 2>&1"

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from workflow_utils import planned_jobs, snakemake, tiny_config, with_changes
+from workflow_utils import PROJECT, planned_jobs, snakemake, tiny_config, with_changes
 
 from workflow.artifacts import digest_of, read_json
 from workflow.config import validate_config
@@ -33,7 +36,7 @@ def built(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_whole_dag_runs_and_writes_the_report(built):
     workdir, config = built
-    report = workdir / "results" / "report"
+    report = workdir / "results" / "report" / "latest"
     for name in ("scores.csv", "table.md", "budget_curves.png", "bpb_vs_acc.png"):
         assert (report / name).stat().st_size > 0, name
     scores = pd.read_csv(report / "scores.csv")
@@ -78,6 +81,82 @@ def test_merged_models_load_with_transformers(built):
 def test_a_rerun_runs_nothing(built):
     workdir, config = built
     assert planned_jobs(workdir, config) == []
+
+
+# -- the digest is the only rebuild criterion -------------------------------------------------
+
+
+def _touch_tree(root: Path, seconds_ahead: float = 3600) -> int:
+    """Give every file under ``root`` a new, later mtime (as a touch or a fresh clone does)."""
+    stamp = time.time() + seconds_ahead
+    count = 0
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (stamp, stamp))
+            count += 1
+    return count
+
+
+def test_touching_the_corpora_and_every_artifact_runs_nothing(copy_of_built):
+    workdir, config = copy_of_built
+    corpora = workdir / "corpora"
+    shutil.copytree(PROJECT / "data" / "libreoffice-help", corpora)
+    moved = with_changes(config, lambda c: c["corpora"].update(
+        {name: {"path": str(corpora / f"{name}.jsonl.gz")} for name in c["corpora"]}))
+    # Same bytes at another path (copied without -p: new mtimes): the same artifacts.
+    assert planned_jobs(workdir, moved) == []
+    assert _touch_tree(corpora) > 0
+    assert _touch_tree(workdir / "results", seconds_ahead=-3600) > 100  # inputs newer than outputs
+    assert planned_jobs(workdir, moved) == []
+
+
+def test_a_fresh_clone_of_the_project_runs_nothing(copy_of_built, tmp_path):
+    workdir, config = copy_of_built
+    clone = tmp_path / "clone"
+    shutil.copytree(PROJECT, clone, ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "__pycache__", ".snakemake", "results", "logs", ".cache", "runs"))
+    assert _touch_tree(clone) > 50  # every project file is new, the corpora included
+    result = snakemake(workdir, config, "--dry-run", snakefile=clone / "Snakefile")
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+def test_switching_a_config_back_runs_nothing_and_points_latest_at_its_report(copy_of_built):
+    workdir, config = copy_of_built
+    latest = workdir / "results" / "report" / "latest"
+    first_report = latest.resolve()
+    changed = with_changes(config, lambda c: c["merges"][0]["models"]["ct"].update(weight=0.3))
+    snakemake(workdir, changed)
+    assert latest.resolve() != first_report
+    assert planned_jobs(workdir, config) == []
+    result = snakemake(workdir, config)  # a real run with nothing to do
+    assert "Nothing to be done" in result.stdout + result.stderr
+    assert latest.resolve() == first_report
+
+
+def test_a_deleted_artifact_is_rebuilt_alone_and_a_damaged_one_is_named(copy_of_built):
+    workdir, config = copy_of_built
+    (ct,) = (workdir / "results" / "ct" / "tiny" / "eu" / "2000").iterdir()
+    shutil.move(ct, workdir / "ct-moved-away")
+    # Everything built from it is finished: only the CT itself is missing, so only it runs.
+    assert planned_jobs(workdir, config) == [("ct", str(ct.relative_to(workdir)))]
+    shutil.move(workdir / "ct-moved-away", ct)
+    weights = ct / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    result = snakemake(workdir, config, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert f"{weights.relative_to(workdir)} is" in result.stdout + result.stderr
+    assert "manifest says" in result.stdout + result.stderr
+    verify = snakemake(workdir, config, "verify", check=False)
+    assert verify.returncode != 0
+    assert "DAMAGED" in verify.stdout + verify.stderr
+
+
+def test_every_artifact_passes_verify(built):
+    workdir, config = built
+    result = snakemake(workdir, config, "verify")
+    text = result.stdout + result.stderr
+    assert re.search(r"\d+ artifacts under results: 0 damaged, 0 without a manifest", text), text
 
 
 def test_changing_one_merge_hyperparameter_reruns_that_merge_its_evaluations_and_the_report(built):
@@ -201,7 +280,7 @@ def test_merge_on_load_writes_no_checkpoint_and_scores_the_same(copy_of_built):
             workdir / "results" / "merge-diagnostics")
         written = next(written.parent.glob("*/diagnostics.json"))
         assert json.loads(path.read_text()) == json.loads(written.read_text())
-    rows = pd.read_csv(workdir / "results" / "report" / "diagnostics.csv")
+    rows = pd.read_csv(workdir / "results" / "report" / "latest" / "diagnostics.csv")
     assert len(set(rows["model_digest"])) == 6
 
 

@@ -22,7 +22,12 @@ def tiny_config() -> dict[str, Any]:
 
 
 def snakemake(
-    workdir: Path, config: dict[str, Any], *args: str, check: bool = True, timeout: int = 900
+    workdir: Path,
+    config: dict[str, Any],
+    *args: str,
+    check: bool = True,
+    timeout: int = 900,
+    snakefile: Path = PROJECT / "Snakefile",
 ) -> subprocess.CompletedProcess:
     """Run Snakemake on ``config`` (written into ``workdir``) with the project's Snakefile."""
     config_path = workdir / "config.yaml"
@@ -32,7 +37,7 @@ def snakemake(
         [
             *SNAKEMAKE,
             "--snakefile",
-            str(PROJECT / "Snakefile"),
+            str(snakefile),
             "--directory",
             str(workdir),
             "--configfile",

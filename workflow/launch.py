@@ -10,7 +10,9 @@ P = 1 runs the module in this process's place; P > 1 runs it under torchrun (tor
 Trainer for it), with gloo on CPU, which is how tests/test_ddp.py runs two CPU processes.
 
 The launcher replaces itself with the command (exec), so Snakemake's signals reach torchrun or
-the stage directly, and the lock files stay held by that process until it ends.
+the stage directly, and the lock files stay held by that process until it ends. Before the exec
+it arms the lifeline (workflow/lifeline.py): the stage dies with the job's shell, and records
+the job's owner (Snakemake) for the stage's watchdog, so a killed Snakemake leaves no orphan.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import os
 import shlex
 import sys
 
-from workflow import gpu
+from workflow import gpu, lifeline
+from workflow.artifacts import verify_inputs
 
 log = logging.getLogger("workflow.launch")
 
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=None, help="processes (default max(1, N))")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of the whole job")
     parser.add_argument("--lease-timeout", type=float, default=None, help="seconds; default wait")
+    parser.add_argument("--verify", nargs="*", default=[], metavar="ARTIFACT",
+                        help="input artifact directories to check against their manifests "
+                        "before anything starts (workflow.artifacts.verify_inputs)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- MODULE ARGS...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     nproc = args.nproc if args.nproc is not None else max(1, args.gpus)
     env = dict(os.environ)
     try:
+        # A damaged input fails here, naming the file, before a GPU is leased or a model loaded.
+        verify_inputs(args.verify)
         if gpu.under_slurm():
             log.info("SLURM job %s: using its allocation as is", env["SLURM_JOB_ID"])
         elif args.gpus:
@@ -76,11 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
         argv_out = build_command(command[0], command[1:], nproc)
-    except (ValueError, TimeoutError) as error:
+    except (ValueError, TimeoutError) as error:  # IntegrityError is a ValueError
         sys.exit(f"error: {error}")
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, args.threads // nproc))
     log.info("running %s", shlex.join(argv_out))
+    lifeline.prepare_exec(env)  # the stage dies with its job (workflow/lifeline.py)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(argv_out[0], argv_out, env)

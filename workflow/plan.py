@@ -1,66 +1,33 @@
 """The plan: every artifact the config asks for, with its path, recipe and inputs.
 
 Built from the validated config at parse time without reading any big artifact. Each artifact's
-path carries readable wildcards and the digest of its recipe (see ``PATTERNS``); the rules in
-rules/*.smk use the same patterns, and their input functions look artifacts up by
-``(rule, digest)``.
+path carries readable wildcards and the digest of its recipe (the stage table's patterns,
+``workflow.stages``); the rules in rules/*.smk are generated from the same table, and their
+input functions look artifacts up by ``(rule, digest)``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from workflow.artifacts import digest_of, sha256_file
+from workflow.artifacts import HashCache, digest_of, write_json
 from workflow.config import OFFLINE_TASKS, resolve_path
 from workflow.data import replay_tokens_for
+from workflow.stages import PATTERNS, STAGES
 
-# Bump a stage's version when its code changes what it writes: every artifact of that stage
-# (and everything downstream) gets a new digest and is rebuilt; old ones stay usable.
-STAGE_VERSIONS = {
-    "tokenizer": "1",
-    "prepare": "1",
-    "evalset": "1",
-    "pretrain": "1",
-    "import_hf": "1",
-    "import_gguf": "1",
-    "sft": "1",
-    "ct": "1",
-    "merge": "2",
-    "merge_sweep": "1",
-    "merge_diagnostics": "1",
-    "evaluate": "1",
-}
-
-PATTERNS = {
-    "tokenizer": "results/tokenizer/{model}/{digest}",
-    "prepare": "results/data/{model}/{corpus}/{tokens}/{digest}",
-    "evalset": "results/evaldata/{corpus}/{digest}",
-    "pretrain": "results/base/{model}/{digest}",
-    "import_hf": "results/import/{model}/{digest}",
-    "import_gguf": "results/import-gguf/{model}/{digest}",
-    "sft": "results/sft/{model}/{digest}",
-    "ct": "results/ct/{model}/{lang}/{tokens}/{digest}",
-    "ctsft": "results/ctsft/{model}/{lang}/{tokens}/{digest}",
-    "merge": "results/merge/{model}/{langs}/{tokens}/{method}/{hparams}/{digest}",
-    "merge_sweep": "results/sweep/{model}/{langs}/{tokens}/{method}/{digest}",
-    # materialize: false: the diagnostics (and recipe, card, mergekit.yaml) without weights.
-    "merge_diagnostics": "results/merge-diagnostics/{model}/{langs}/{tokens}/{method}/{hparams}"
-    "/{digest}",
-    "evaluate": "results/eval/{subject}/{suites}/{digest}/scores.json",
-}
-REPORT_FILES = {
-    "scores": "results/report/scores.csv",
-    "table": "results/report/table.md",
-    "curves": "results/report/budget_curves.png",
-    "tradeoff": "results/report/bpb_vs_acc.png",
-    "diagnostics": "results/report/diagnostics.csv",
-    "diagnostics_plot": "results/report/merge_diagnostics.png",
-}
+REPORT_FILES = (
+    "scores.csv",
+    "table.md",
+    "budget_curves.png",
+    "bpb_vs_acc.png",
+    "diagnostics.csv",
+    "merge_diagnostics.png",
+)
+REPORT_LATEST = "results/report/latest"  # a symlink to the report of the last run
 WILDCARD_CONSTRAINTS = {
     "digest": "[0-9a-f]{12}",
     "model": "[A-Za-z0-9][A-Za-z0-9._-]*",
@@ -73,9 +40,19 @@ WILDCARD_CONSTRAINTS = {
     "suites": "[A-Za-z0-9._+-]+",
     "subject": ".+",
 }
-MERGE_GLOBAL_KEYS = ("lambda", "normalize", "rescale", "slack", "t")
-MERGE_MODEL_KEYS = ("weight", "density", "epsilon", "gamma")
 ENGLISH_SUITE = "en"
+# Keys of a ``merges`` entry that are not merge parameters.
+ENTRY_KEYS = frozenset({"method", "models", "single", "multilingual"})
+# Path labels name the grid point. Their order is fixed (not the config's) so that equal
+# recipes share one path; these keys come first, in the order paths have always used, then
+# any other parameter alphabetically. A fixed parameter such as a seed is no part of the label.
+_LABEL_FIRST = ("lambda", "normalize", "rescale", "slack", "t", "weight", "density", "epsilon",
+                "gamma")
+_UNLABELLED = frozenset({"seed"})
+
+
+def _label_order(key: str) -> tuple[int, str]:
+    return (_LABEL_FIRST.index(key) if key in _LABEL_FIRST else len(_LABEL_FIRST), key)
 
 
 def suite_corpus_and_tasks(config: dict[str, Any], suite: str) -> tuple[str | None, list[str]]:
@@ -160,16 +137,16 @@ def merge_variants(entry: dict[str, Any]) -> list[MergeVariant]:
     """Expand one ``merges`` entry into its grid points; list values are axes."""
     from workflow.merge.methods import resolve_merge_spec
 
+    # Every key but the entry's own switches is a merge parameter; the method registry decides
+    # which exist (resolve_merge_spec refuses the rest), so none is ever dropped silently.
     axes: list[tuple[tuple[str, ...], list[Any]]] = []
-    for key in MERGE_GLOBAL_KEYS:
-        if key in entry:
-            value = entry[key]
-            axes.append(((key,), value if isinstance(value, list) else [value]))
+    for key in sorted(set(entry) - ENTRY_KEYS, key=_label_order):
+        value = entry[key]
+        axes.append(((key,), value if isinstance(value, list) else [value]))
     for role, params in sorted(entry.get("models", {}).items()):
-        for key in MERGE_MODEL_KEYS:
-            if key in params:
-                value = params[key]
-                axes.append(((role, key), value if isinstance(value, list) else [value]))
+        for key in sorted(params, key=_label_order):
+            value = params[key]
+            axes.append(((role, key), value if isinstance(value, list) else [value]))
     variants = []
     for point in itertools.product(*(values for _, values in axes)):
         params: dict[str, Any] = {}
@@ -178,12 +155,11 @@ def merge_variants(entry: dict[str, Any]) -> list[MergeVariant]:
         for (key_path, _), value in zip(axes, point, strict=True):
             if len(key_path) == 1:
                 params[key_path[0]] = value
-                label_parts.append(f"{key_path[0]}{_fmt(value)}")
+                if key_path[0] not in _UNLABELLED:
+                    label_parts.append(f"{key_path[0]}{_fmt(value)}")
             else:
                 roles[key_path[0]][key_path[1]] = value
                 label_parts.append(f"{key_path[0]}.{key_path[1]}{_fmt(value)}")
-        if "seed" in entry:
-            params["seed"] = entry["seed"]
         models = [{"role": "ct", **roles["ct"]}, {"role": "sft", **roles["sft"]}]
         # Defaults are filled into the recipe: a changed default is a changed merge.
         resolved, (ct_params, sft_params), _ = resolve_merge_spec(entry["method"], params, models)
@@ -200,42 +176,6 @@ def merge_variants(entry: dict[str, Any]) -> list[MergeVariant]:
     return variants
 
 
-class HashCache:
-    """sha256 of external files, cached by (path, size, mtime) so planning stays cheap."""
-
-    def __init__(self, cache_file: Path):
-        self.cache_file = cache_file
-        try:
-            self.entries: dict[str, str] = json.loads(cache_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            self.entries = {}
-        self.dirty = False
-
-    def sha256(self, path: Path) -> str:
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        if key not in self.entries:
-            if path.is_dir():
-                parts = sorted(
-                    f"{p.relative_to(path)}:{self.sha256(p)}"
-                    for p in path.rglob("*")
-                    if p.is_file()
-                )
-                self.entries[key] = digest_of({"directory": parts})
-            else:
-                self.entries[key] = sha256_file(path)
-            self.dirty = True
-        return self.entries[key]
-
-    def save(self) -> None:
-        if self.dirty:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
-            os.replace(tmp, self.cache_file)
-            self.dirty = False
-
-
 class Plan:
     """All artifacts of a config, indexed by (rule, digest)."""
 
@@ -248,6 +188,7 @@ class Plan:
         self.trained: list[Artifact] = []
         self.merged: list[str] = []  # merge directories with diagnostics.json (report input)
         self._build()
+        self.report = self._report()
         self.hashes.save()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -256,8 +197,10 @@ class Plan:
         self, rule: str, recipe: dict[str, Any], inputs: dict[str, Any], **wildcards: Any
     ) -> Artifact:
         """An artifact with its versioned recipe and path, not (yet) a job of the plan."""
-        stage = recipe["stage"]
-        recipe = {"stage": stage, "version": STAGE_VERSIONS[stage], **recipe}
+        stage = STAGES[rule]
+        if recipe["stage"] != stage.stage:
+            raise ValueError(f"rule {rule} writes {stage.stage} recipes, not {recipe['stage']}")
+        recipe = {"stage": stage.stage, "version": stage.version, **recipe}
         path = PATTERNS[rule].format(digest=digest_of(recipe), **wildcards)
         return Artifact(rule=rule, path=path, recipe=recipe, inputs=inputs)
 
@@ -607,9 +550,34 @@ class Plan:
 
     # -- what rule all asks for --------------------------------------------------------------
 
+    def _report(self) -> Artifact:
+        """The report over every evaluation, content-addressed like everything else: a config
+        switched back to an earlier one finds its report already built."""
+        metrics = [f"{artifact.path}/metrics.json" for artifact in self.trained]
+        diagnostics = [f"{path}/diagnostics.json" for path in self.merged]
+        recipe = {
+            "stage": "report",
+            "scores": [artifact.digest for artifact in self.evaluations],
+            "trained": [artifact.digest for artifact in self.trained],
+            "diagnostics": self.merged,
+        }
+        inputs = {
+            "scores": [artifact.path for artifact in self.evaluations],
+            "models": [artifact.path for artifact in self.trained],
+            "diagnosed": self.diagnosed,
+        }
+        report = self._make("report", recipe, inputs)
+        # The lists go to the stage in a file: thousands of paths exceed one argument's limit.
+        listing = self.workdir / ".cache" / "lrmerge" / "report-inputs" / f"{report.digest}.json"
+        if not listing.is_file():
+            write_json(listing, {"scores": inputs["scores"], "train_metrics": metrics,
+                                 "diagnostics": diagnostics})
+        return self._register(replace(report, cli={"inputs": str(listing)}))
+
     def targets(self) -> list[str]:
-        """The report; it depends on every evaluation, which depends on everything else."""
-        return list(REPORT_FILES.values())
+        """Every artifact of the plan: a job runs if and only if its output is missing, so a
+        deleted artifact is rebuilt even when everything downstream of it is finished."""
+        return [artifact.path for artifact in self.by_key.values()]
 
 
 def _split_budget(total: int, mix: dict[str, float]) -> dict[str, int]:

@@ -36,15 +36,19 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from workflow.artifacts import (
+    atomic_dir,
     atomic_file,
     merged_model_digest,
     parse_recipe_arg,
+    point_latest,
     read_json,
     write_recipe,
 )
 
 log = logging.getLogger("workflow.report")
 
+# Bump when a change here changes what a stage writes (see workflow/stages.py).
+STAGE_VERSIONS = {"report": "1"}
 SUBJECT_KINDS = ("base", "sft", "ct", "ctsft", "merge")
 KIND_LABELS = {"base": "base", "sft": "SFT", "ct": "CT", "ctsft": "CT-then-SFT"}
 ENGLISH = "en"
@@ -701,8 +705,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m workflow.report",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scores", nargs="+", required=True, type=Path,
+    parser.add_argument("--scores", nargs="+", default=[], type=Path,
                         help="score JSON files written by workflow.evaluate")
+    parser.add_argument("--inputs", type=Path, default=None,
+                        help="a JSON file listing scores, train_metrics and diagnostics files "
+                        "(the workflow's way: thousands of paths exceed a command line)")
     parser.add_argument("--train-metrics", nargs="*", default=[], type=Path,
                         help="metrics.json files from training stages (optional)")
     parser.add_argument("--diagnostics", nargs="*", default=[], type=Path,
@@ -711,8 +718,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the report artifact's recipe JSON; written as recipe.json")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     args = parser.parse_args(argv)
-    write_report(args.scores, args.out, args.train_metrics, args.recipe, args.diagnostics)
+    scores, metrics, diagnostics = args.scores, args.train_metrics, args.diagnostics
+    if args.inputs is not None:
+        listed = read_json(args.inputs)
+        scores = [*scores, *listed["scores"]]
+        metrics = [*metrics, *listed["train_metrics"]]
+        diagnostics = [*diagnostics, *listed["diagnostics"]]
+    if not scores:
+        parser.error("give score files: --scores or --inputs")
+    if args.recipe is None:
+        write_report(scores, args.out, metrics, None, diagnostics)
+        return 0
+    # A workflow report is an artifact: built whole under a temporary name, then published,
+    # and results/report/latest points at it.
+    with atomic_dir(args.out) as tmp:
+        write_report(scores, tmp, metrics, args.recipe, diagnostics)
+    point_latest(args.out)
     return 0
+
 
 
 if __name__ == "__main__":

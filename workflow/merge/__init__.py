@@ -5,5 +5,9 @@
 
 The registry and its validation live in ``workflow.merge.methods``; reading and writing
 checkpoints in ``workflow.merge.engine``. Nothing is imported here, so that validating a config
-does not load the engine. The stage version is ``workflow.plan.STAGE_VERSIONS["merge"]``.
+does not load the engine.
 """
+
+# One version for the merge engine: merges, sweeps and diagnostics-only passes share its code.
+# Bump when a change here changes what a stage writes (see workflow/stages.py).
+STAGE_VERSIONS = {"merge": "2"}
