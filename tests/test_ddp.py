@@ -60,6 +60,7 @@ def test_two_cpu_processes_train_the_exact_budget(tmp_path):
 def test_launch_commands():
     with pytest.raises(ValueError, match="--nproc"):
         launch.build_command("workflow.train", [], 0)
-    assert launch.build_command("workflow.train", ["ct"], 1)[1:] == ["-m", "workflow.train", "ct"]
+    assert launch.build_command("workflow.train", ["ct"], 1)[1:] == [
+        "-m", "workflow.lifeline", "workflow.train", "ct"]
     command = launch.build_command("workflow.train", ["ct"], 3)
     assert "--nproc_per_node=3" in command and command[-2:] == ["workflow.train", "ct"]

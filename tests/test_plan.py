@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from workflow_utils import PROJECT, tiny_config, with_changes
 
 from workflow.config import validate_config
-from workflow.plan import PATTERNS, Plan, _split_budget, merge_variants
+from workflow.merge.methods import MERGE_METHODS, REQUIRED
+from workflow.plan import Plan, _split_budget, merge_variants
+from workflow.stages import PATTERNS
 
 
 def plan_of(config, tmp_path) -> Plan:
@@ -82,3 +85,59 @@ def test_ct_replay_adds_a_prepared_english_share_to_every_ct(tmp_path):
     replay_paths = {a.inputs["replay"] for a in cts}
     assert len(replay_paths) == 1 and "/en/500/" in replay_paths.pop()  # 2000 * 0.2 / 0.8
     assert all(a.recipe["params"]["replay"] == {"share": 0.2} for a in cts)
+
+
+def _non_default(spec):
+    """A valid value of a merge parameter that differs from its default."""
+    if spec.kind is bool:
+        return not spec.default
+    if spec.kind is int:
+        return 7
+    for value in (0.25, 0.5, 0.05):
+        if value != spec.default and spec.check(value):
+            return value
+    raise AssertionError(spec)
+
+
+def _entry_with_required(method):
+    entry = {"method": method, "single": True, "multilingual": False, "models": {}}
+    for spec in MERGE_METHODS[method].params:
+        if spec.default is REQUIRED:
+            entry[spec.name] = 0.1 if spec.name == "slack" else 0.5
+    return entry
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_every_registry_parameter_can_be_set_and_reaches_the_recipe(method):
+    """No parameter of the method registry is dropped on the way from config to recipe."""
+    registered = MERGE_METHODS[method]
+    (base,) = merge_variants(_entry_with_required(method))
+    for spec in registered.params:
+        entry = _entry_with_required(method)
+        entry[spec.name] = _non_default(spec) if spec.default is not REQUIRED else 0.2
+        (variant,) = merge_variants(entry)
+        assert variant.params[spec.name] == entry[spec.name], spec.name
+    for spec in registered.model_params:
+        for role in ("ct", "sft"):
+            entry = _entry_with_required(method)
+            value = _non_default(spec)
+            if spec.name == "density" and "slack" in entry:
+                value = 0.5  # slack (0.1) may not exceed the SFT density
+            entry["models"] = {role: {spec.name: value}}
+            (variant,) = merge_variants(entry)
+            assert variant.roles[role][spec.name] == value, (role, spec.name)
+            assert variant.roles != base.roles
+
+
+def test_an_unknown_merge_parameter_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="'lamda'"):
+        merge_variants({"method": "ties", "lamda": 0.5, "single": True, "multilingual": True})
+    with pytest.raises(ValueError, match="'densty'"):
+        merge_variants({"method": "ties", "single": True, "multilingual": True,
+                        "models": {"ct": {"densty": 0.5}}})
+
+
+def test_model_stock_filter_wise_can_be_set():
+    entry = {"method": "model_stock", "filter_wise": True, "single": True, "multilingual": True}
+    (variant,) = merge_variants(entry)
+    assert variant.params == {"filter_wise": True} and variant.label == "filter_wisetrue"

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from workflow import models, train
+from workflow import lifeline, models, train
 from workflow.artifacts import read_json
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -169,6 +169,15 @@ def test_incomplete_checkpoint_is_dropped_and_foreign_work_dir_wiped(tmp_path):
     (work / "checkpoint-8").mkdir()  # killed while saving: no marker
     assert train.prepare_work_dir(work, meta) == done
     assert not (work / "checkpoint-8").exists()
-    # Another recipe (or process count) cannot reuse the state.
-    assert train.prepare_work_dir(work, {**meta, "world_size": 2}) is None
-    assert not done.exists()
+    # Another recipe (or process count) cannot reuse the state; the lock this process holds
+    # survives the wipe (a new file of its name would let a second trainer in).
+    fd = lifeline.hold_lock(work / train.WORK_LOCK, f"work dir {work}")
+    inode = (work / train.WORK_LOCK).stat().st_ino
+    try:
+        assert train.prepare_work_dir(work, {**meta, "world_size": 2}) is None
+        assert not done.exists() and not (work / "checkpoint-4").exists()
+        assert (work / train.WORK_LOCK).stat().st_ino == inode
+        with pytest.raises(lifeline.LockHeld, match=f"pid {os.getpid()}"):
+            lifeline.hold_lock(work / train.WORK_LOCK, f"work dir {work}")
+    finally:
+        os.close(fd)

@@ -74,8 +74,9 @@ def test_recording_a_changed_stage_without_a_bump_or_a_reason_is_refused(project
 
 def test_a_version_bump_changes_the_digests_of_that_stage_and_downstream(
         monkeypatch, tmp_path):
-    from workflow.config import validate_config
     from workflow_utils import tiny_config
+
+    from workflow.config import validate_config
 
     config = validate_config(tiny_config(), PROJECT_DIR)
     before = Plan(config, tmp_path)

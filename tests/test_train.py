@@ -311,10 +311,16 @@ def test_sft_selection_is_balanced_and_deterministic():
 def test_bad_train_params_are_named():
     with pytest.raises(ValueError, match="lrr"):
         train.train_params({"train": {**TRAIN, "lrr": 1.0}})
-    with pytest.raises(ValueError, match="seq_len"):
-        train.train_params({"train": {k: v for k, v in TRAIN.items() if k != "seq_len"}})
-    with pytest.raises(ValueError, match="warmup_ratio"):
+    with pytest.raises(ValueError, match="'params.train.seq_len'"):
+        train.train_params({"train": {**TRAIN, "seq_len": 4}})
+    with pytest.raises(ValueError, match="'params.train.warmup_ratio'"):
         train.train_params({"train": {**TRAIN, "warmup_ratio": 1.5}})
+    with pytest.raises(ValueError, match="'params.train.min_lr'"):
+        train.train_params({"train": {**TRAIN, "min_lr": 1.0}})
+    with pytest.raises(ValueError, match="'params.train'"):
+        train.train_params({})
+    # Missing keys take the schema's defaults, as the config does at parse time.
+    assert train.train_params({"train": {}})["seq_len"] == 2048
 
 
 def test_token_ids_outside_vocab_are_rejected(chain, tmp_path):
@@ -408,9 +414,9 @@ def test_new_train_params_are_checked():
         train.train_params({"train": {**TRAIN, "save_steps": 0}})
     with pytest.raises(ValueError, match="bf16"):
         train.train_params({"train": {**TRAIN, "bf16": "yes"}})
-    with pytest.raises(ValueError, match="lora key"):
+    with pytest.raises(ValueError, match="'params.train.lora.*rank"):
         train.train_params({"train": {**TRAIN, "lora": {"rank": 4}}})
-    with pytest.raises(ValueError, match="fsdp"):
+    with pytest.raises(ValueError, match="'params.train.fsdp'.*lora"):
         train.train_params({"train": {**TRAIN, "lora": {}, "fsdp": "full_shard auto_wrap"}})
     with pytest.raises(ValueError, match="share"):
         train.replay_params({"replay": {"share": 1.0}})

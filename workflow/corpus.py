@@ -6,6 +6,8 @@ Every format yields records ``{"text": str, "split": "train" | "test", "topic": 
   ``split`` ("train"/"test") and ``topic`` fields. Records without ``split`` are assigned one
   deterministically from a hash of their text (``heldout_fraction`` of them go to "test").
 - ``.txt`` / ``.txt.gz``: documents separated by blank lines; splits assigned the same way.
+
+Files are UTF-8; an undecodable byte is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 SPLITS = ("train", "test")
 
@@ -24,10 +27,41 @@ class CorpusError(ValueError):
     """A corpus file that cannot be read as documented; the message names the file."""
 
 
-def _open_text(path: Path):
+def _open_text(path: Path) -> IO[str]:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+def _open_bytes(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _utf8_error(path: Path, fallback: UnicodeDecodeError) -> str:
+    """Where the first invalid UTF-8 byte of ``path`` is, as ``path:line: ...`` (a second pass
+    in binary, only on the error path, so valid files are read exactly as before)."""
+    with _open_bytes(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); re-encode the file as UTF-8"
+                )
+    return f"{path}: not valid UTF-8 ({fallback.reason}); re-encode the file as UTF-8"
+
+
+def _lines(path: Path, error: type[Exception] = CorpusError) -> Iterator[str]:
+    """The text lines of a corpus file; undecodable or corrupt files raise ``error`` naming
+    the file (and the line, for invalid UTF-8)."""
+    try:
+        with _open_text(path) as handle:
+            yield from handle
+    except UnicodeDecodeError as exc:
+        raise error(_utf8_error(path, exc)) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise error(f"{path}: not a readable gzip file ({exc})") from None
 
 
 def _stem_suffix(path: Path) -> str:
@@ -43,14 +77,13 @@ def hashed_split(text: str, heldout_fraction: float) -> str:
 def iter_jsonl(path: Path, error: type[Exception] = CorpusError) -> Iterator[tuple[int, Any]]:
     """(line number, decoded value) of each non-blank line; bad JSON raises ``error``
     naming the file and line."""
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, line in enumerate(_lines(path, error), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
 
 
 def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -64,16 +97,15 @@ def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _text_records(path: Path) -> Iterator[dict[str, Any]]:
-    with _open_text(path) as handle:
-        block: list[str] = []
-        for line in handle:
-            if line.strip():
-                block.append(line.rstrip("\n"))
-            elif block:
-                yield {"text": "\n".join(block)}
-                block = []
-        if block:
+    block: list[str] = []
+    for line in _lines(path):
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
             yield {"text": "\n".join(block)}
+            block = []
+    if block:
+        yield {"text": "\n".join(block)}
 
 
 def read_corpus(path: str | Path, heldout_fraction: float = 0.05) -> list[dict[str, Any]]:

@@ -27,6 +27,8 @@ from workflow.corpus import read_corpus, split_records
 from workflow.prompts import TOPICS
 
 log = logging.getLogger("workflow.data")
+# Bump when a change here changes what a stage writes (see workflow/stages.py).
+STAGE_VERSIONS = {"prepare": "1", "evalset": "1"}
 ENCODE_BATCH = 512
 
 

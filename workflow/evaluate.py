@@ -50,6 +50,8 @@ from workflow.prompts import LABELS
 
 log = logging.getLogger(__name__)
 
+# Bump when a change here changes what a stage writes (see workflow/stages.py).
+STAGE_VERSIONS = {"evaluate": "1"}
 STAGE = "evaluate"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Offline task kind -> (template in TASKS_DIR, data file in the suite directory).

@@ -30,11 +30,12 @@ log = logging.getLogger("workflow.launch")
 
 
 def build_command(module: str, args: list[str], nproc: int) -> list[str]:
-    """The argv that runs ``python -m module args`` in ``nproc`` processes."""
+    """The argv that runs ``python -m module args`` in ``nproc`` processes (one process runs
+    through ``workflow.lifeline``, which arms the stage to die with its job)."""
     if nproc < 1:
         raise ValueError(f"launch: --nproc must be >= 1, got {nproc}")
     if nproc == 1:
-        return [sys.executable, "-m", module, *args]
+        return [sys.executable, "-m", "workflow.lifeline", module, *args]
     return [
         sys.executable,
         "-m",

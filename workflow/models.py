@@ -7,6 +7,10 @@
 Each output holds config.json / model.safetensors (or only tokenizer files, for ``tokenizer``),
 ``tokenizer.json`` + ``tokenizer_config.json`` and ``recipe.json``, written atomically.
 
+No pickle is ever loaded: ``hf`` reads safetensors only (``use_safetensors=True``), and a local
+directory holding only pickled weights (pytorch_model.bin) is refused with the one-line
+conversion to run yourself. Its params are checked against the config schema's hub_model.
+
 Tokenizer choice: a byte-level BPE with no post-processor, so ``tokenizer(text)`` never adds
 special tokens, with or without ``add_special_tokens``. The data stage separates documents with
 EOS itself, and lm-eval's HFLM then encodes prompts exactly as training saw them. BOS is the
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from workflow.artifacts import atomic_dir, parse_named_paths, parse_recipe_arg, write_recipe
+from workflow.config import validate_fragment
 from workflow.corpus import read_corpus, split_records
 
 log = logging.getLogger("workflow.models")
@@ -31,6 +36,8 @@ log = logging.getLogger("workflow.models")
 # GPT-2 style: one document separator serves as BOS and EOS. Pretraining streams separate
 # documents with EOS, and lm-eval's rolling loglikelihood (bits per byte) prefixes each text
 # with BOS, so the scored text starts after the same token the model saw in training.
+# Bump when a change here changes what a stage writes (see workflow/stages.py).
+STAGE_VERSIONS = {"tokenizer": "1", "import_hf": "1", "import_gguf": "1"}
 SPECIAL_TOKENS = {
     "unk_token": "<unk>",
     "bos_token": "</s>",
@@ -46,6 +53,8 @@ ARCH_REQUIRED = (
     "max_position_embeddings",
 )
 ARCH_OPTIONAL = ("num_kv_heads", "tie_embeddings")
+# Weight files that torch.load unpickles: a local model holding only these is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def _require(params: dict[str, Any], key: str, where: str) -> Any:
@@ -196,18 +205,55 @@ def _save_model(model: Any, tokenizer: Any, recipe: dict[str, Any], out: Path) -
     log.info("wrote %s (%s parameters)", out, f"{model.num_parameters():,}")
 
 
-def import_hf(recipe: dict[str, Any], out: Path) -> None:
-    """A hub id (pinned by revision) or a local HF directory, re-saved as safetensors."""
+def hf_params(params: dict[str, Any]) -> dict[str, Any]:
+    """An import_hf recipe's params, checked against the config schema's ``$defs/hub_model``
+    (defaults filled); ``content_sha256`` is the plan's identity of a local directory."""
+    spec = {key: value for key, value in params.items() if key != "content_sha256"}
+    return {**params, **validate_fragment("hub_model", spec, "params")}
+
+
+def require_safetensors(directory: Path) -> None:
+    """A local model directory must hold safetensors weights: a pickle is never loaded."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"model directory {directory} holds only pickled weights ({', '.join(pickles)}), "
+            "which this workflow never loads: convert it once yourself with transformers, "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+            "safe_serialization=True), and point the config at NEW_DIR"
+        )
+    raise FileNotFoundError(f"model directory {directory} holds no *.safetensors weights")
+
+
+def load_hf(source: str, revision: str | None, dtype: Any) -> tuple[Any, Any]:
+    """Model and tokenizer of a hub id or local directory, from safetensors only: a hub repo
+    with only .bin weights fails here instead of being unpickled."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    params = recipe["params"]
-    source = str(_require(params, "id", "hf params"))
-    revision = params.get("revision")
-    dtype = _torch_dtype(params.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, dtype=dtype, trust_remote_code=False
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+    except OSError as error:  # transformers' "does not appear to have a file named ..."
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"model {source} (revision {revision}) could not be loaded from safetensors: {first}"
+        ) from error
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+    return model, tokenizer
+
+
+def import_hf(recipe: dict[str, Any], out: Path) -> None:
+    """A hub id (pinned by revision) or a local HF directory, re-saved as safetensors."""
+    params = hf_params(recipe["params"])
+    source = params["id"]
+    dtype = _torch_dtype(params["dtype"])
+    local = Path(source).expanduser()
+    if local.is_dir():
+        require_safetensors(local)
+    model, tokenizer = load_hf(source, params["revision"], dtype)
     _save_model(model, tokenizer, recipe, out)
 
 

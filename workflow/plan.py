@@ -19,15 +19,6 @@ from workflow.config import OFFLINE_TASKS, resolve_path
 from workflow.data import replay_tokens_for
 from workflow.stages import PATTERNS, STAGES
 
-REPORT_FILES = (
-    "scores.csv",
-    "table.md",
-    "budget_curves.png",
-    "bpb_vs_acc.png",
-    "diagnostics.csv",
-    "merge_diagnostics.png",
-)
-REPORT_LATEST = "results/report/latest"  # a symlink to the report of the last run
 WILDCARD_CONSTRAINTS = {
     "digest": "[0-9a-f]{12}",
     "model": "[A-Za-z0-9][A-Za-z0-9._-]*",

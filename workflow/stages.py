@@ -101,6 +101,11 @@ class Stage:
     verify_inputs: bool = True  # check input artifacts against their manifests first
     priority: int = 0
     version_of: str = ""  # the stage whose code and version this one shares (default: itself)
+    # Under a cluster profile: run on the submitting host, not as a cluster job (cheap jobs).
+    local: bool = False
+    # Under a cluster profile: the Snakemake group of the rule's jobs; a profile's
+    # group-components bundles that many of its independent jobs into one submission.
+    group: str = ""
 
     @property
     def folder(self) -> str:
@@ -116,12 +121,12 @@ STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         Stage("tokenizer", "tokenizer", "results/tokenizer/{model}/{digest}", "tokenizer",
-              "models", "workflow.models tokenizer"),
+              "models", "workflow.models tokenizer", group="data"),
         # Too little text for a budget fails in prepare, so it runs before any training.
         Stage("prepare", "prepare", "results/data/{model}/{corpus}/{tokens}/{digest}",
-              "prepare", "data", "workflow.data prepare", priority=50),
+              "prepare", "data", "workflow.data prepare", priority=50, group="data"),
         Stage("evalset", "evalset", "results/evaldata/{corpus}/{digest}", "evalset", "data",
-              "workflow.data evalset"),
+              "workflow.data evalset", local=True),
         Stage("pretrain", "pretrain", "results/base/{model}/{digest}", "pretrain", "train",
               "workflow.train pretrain", processes="gpus", threads_flag=True,
               nonfinite_flag=True),
@@ -149,10 +154,11 @@ STAGES: dict[str, Stage] = {
               "merge", "merge", "workflow.merge", flags="--diagnostics-only",
               nonfinite_flag=True, version_of="merge"),
         Stage("evaluate", "evaluate", "results/eval/{subject}/{suites}/{digest}/scores.json",
-              "evaluate", "evaluate", "workflow.evaluate", threads_flag=True, output_file=True),
+              "evaluate", "evaluate", "workflow.evaluate", threads_flag=True, output_file=True,
+              group="evaluate"),
         # Reads only score and metrics JSON files (thousands of them): nothing to verify.
         Stage("report", "report", "results/report/{digest}", "report", "report",
-              "workflow.report", verify_inputs=False),
+              "workflow.report", verify_inputs=False, local=True),
     )
 }
 PATTERNS = {name: stage.pattern for name, stage in STAGES.items()}

@@ -3,7 +3,7 @@
     python -m workflow.train pretrain --recipe JSON --tokenizer DIR --data DIR [DIR ...] --out DIR
     python -m workflow.train ct --recipe JSON --model DIR --data DIR [--replay DIR] --out DIR
     python -m workflow.train sft --recipe JSON --model DIR --corpus PATH --out DIR
-    (each takes --threads N)
+    (each takes --threads N, and --allow-nonfinite to write weights that hold NaN or Inf)
 
 Several processes (DDP, or FSDP with params.train.fsdp) are started by workflow.launch, which
 also leases GPU ids; the rules call it, and by hand it reads:
@@ -11,9 +11,11 @@ also leases GPU ids; the rules call it, and by hand it reads:
     python -m workflow.launch --gpus 4 -- workflow.train ct --recipe JSON ...   # 4 GPUs
     python -m workflow.launch --gpus 0 --nproc 2 -- workflow.train ct ...       # 2 CPU procs
 
-recipe["params"]["train"] (unknown keys are rejected):
+recipe["params"]["train"] is checked against the config schema's $defs/train, whose defaults
+fill missing keys (workflow.config.validate_fragment: the same contract as the config, so a
+recipe means the same thing at parse time and here); unknown keys are rejected:
     lr, min_lr          peak and floor of the cosine schedule ("cosine_with_min_lr")
-    warmup_ratio        fraction of the steps spent warming up linearly (default 0)
+    warmup_ratio        fraction of the steps spent warming up linearly
     batch_size          sequences per micro-batch and process
     grad_accum          micro-batches per optimizer step, summed over all processes (default 1):
                         with N processes each accumulates grad_accum / N, so the tokens per
@@ -52,13 +54,20 @@ removed once the artifact is in place. A rerun of a killed job resumes from the 
 checkpoint (one whose marker file was written after the Trainer finished saving it); on CPU the
 result is bit-identical to an uninterrupted run (tests/test_resume.py).
 
+One trainer per work dir: rank 0 holds an exclusive flock on <work dir>/lrmerge.lock for its
+whole life, so a second trainer of the same output fails at once, naming the work dir and the
+holder's pid. Under workflow.launch the trainer also dies with its job (workflow/lifeline.py):
+a killed Snakemake or job shell leaves no orphan to race a rerun.
+
 Weights are trained in float32 (bf16 autocast where enabled) and saved in the dtype the input
-model was stored in.
+model was stored in. NaN or Inf in the weights to be written is an error (nothing is written;
+the checkpoints stay) unless --allow-nonfinite is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -73,6 +82,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workflow import lifeline
 from workflow.artifacts import (
     atomic_dir,
     parse_recipe_arg,
@@ -80,109 +90,39 @@ from workflow.artifacts import (
     write_json,
     write_recipe,
 )
+from workflow.config import ConfigError, validate_fragment
 from workflow.corpus import read_corpus, split_records
 from workflow.data import replay_tokens_for
 from workflow.prompts import TOPIC_LABELS, topic_answer, topic_prompt
 
 log = logging.getLogger("workflow.train")
 
+# Bump when a change here changes what a stage writes (see workflow/stages.py).
+STAGE_VERSIONS = {"pretrain": "1", "sft": "1", "ct": "1"}
 IGNORE = -100
-TRAIN_REQUIRED = ("lr", "min_lr", "batch_size", "seq_len")
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "warmup_ratio": 0.0,
-    "weight_decay": 0.0,
-    "epochs": 1,
-    "seed": 0,
-    "grad_accum": 1,
-    "save_steps": None,
-    "gradient_checkpointing": False,
-    "bf16": "auto",
-    "lora": None,
-    "fsdp": None,
-}
-LORA_DEFAULTS: dict[str, Any] = {
-    "r": 8,
-    "alpha": 16,
-    "dropout": 0.0,
-    # Llama/Gemma/Mistral names; "all-linear" is peft's catch-all.
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 CHECKPOINT_DONE = "lrmerge-complete"  # written after the Trainer finished a checkpoint
 WORK_META = "work.json"
+WORK_LOCK = "lrmerge.lock"  # held by rank 0 for its whole life: one trainer per work dir
+
+
+class NonFiniteWeights(ValueError):
+    """Trained weights hold NaN or Inf; the message names the output and the first tensor."""
 
 
 def train_params(params: dict[str, Any]) -> dict[str, Any]:
-    """recipe["params"]["train"], validated, with defaults filled in."""
-    raw = params.get("train")
-    if not isinstance(raw, dict):
-        raise ValueError("params: 'train' must be an object of training settings")  # noqa: TRY004
-    unknown = sorted(set(raw) - set(TRAIN_REQUIRED) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ValueError(f"train params: unknown key(s) {unknown}")
-    missing = [key for key in TRAIN_REQUIRED if key not in raw]
-    if missing:
-        raise ValueError(f"train params: missing required key(s) {missing}")
-    train = {**TRAIN_DEFAULTS, **raw}
-    for key in ("batch_size", "epochs", "grad_accum"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ValueError(f"train params: '{key}' must be an integer >= 1, got {train[key]!r}")
-    if not isinstance(train["seq_len"], int) or train["seq_len"] < 2:
-        raise ValueError(
-            f"train params: 'seq_len' must be an integer >= 2, got {train['seq_len']!r}"
+    """recipe["params"]["train"], validated as the config validates it: the schema's
+    ``$defs/train`` with its defaults filled in and its cross-key rules (min_lr <= lr, no LoRA
+    with FSDP; workflow.config), plus what only a running job knows: its process count."""
+    if "train" not in params:
+        raise ConfigError("'params.train': missing; the recipe must carry the training settings")
+    train = validate_fragment("train", params["train"], "params.train")
+    world = _world()[1]
+    if train["grad_accum"] % world:
+        raise ConfigError(
+            f"'params.train.grad_accum': {train['grad_accum']} must be a multiple of the {world} "
+            "training processes (it counts micro-batches over all of them)"
         )
-    if not 0 < train["lr"] or not 0 <= train["min_lr"] <= train["lr"]:
-        raise ValueError(
-            f"train params: need 0 <= min_lr <= lr and lr > 0, got {train['min_lr']}, {train['lr']}"
-        )
-    if not 0 <= train["warmup_ratio"] < 1:
-        raise ValueError(
-            f"train params: 'warmup_ratio' must be in [0, 1), got {train['warmup_ratio']}"
-        )
-    save = train["save_steps"]
-    if save is not None and (not isinstance(save, int) or save < 1):
-        raise ValueError(
-            f"train params: 'save_steps' must be null or an integer >= 1, got {save!r}"
-        )
-    if not isinstance(train["gradient_checkpointing"], bool):
-        raise ValueError(
-            "train params: 'gradient_checkpointing' must be true or false, "
-            f"got {train['gradient_checkpointing']!r}"
-        )
-    if train["bf16"] not in ("auto", True, False):
-        raise ValueError(
-            f"train params: 'bf16' must be \"auto\", true or false, got {train['bf16']!r}"
-        )
-    if train["fsdp"] is not None and not (isinstance(train["fsdp"], str) and train["fsdp"]):
-        raise ValueError(f"train params: 'fsdp' must be null or a string, got {train['fsdp']!r}")
-    if train["lora"] is not None:
-        train["lora"] = _lora_params(train["lora"])
-        if train["fsdp"] is not None:
-            raise ValueError("train params: 'lora' together with 'fsdp' is not supported")
     return train
-
-
-def _lora_params(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise ValueError(f"train params: 'lora' must be null or an object, got {raw!r}")
-    unknown = sorted(set(raw) - set(LORA_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"train params: unknown lora key(s) {unknown}; known: {list(LORA_DEFAULTS)}"
-        )
-    lora = {**LORA_DEFAULTS, **raw}
-    if not isinstance(lora["r"], int) or lora["r"] < 1:
-        raise ValueError(f"train params: lora 'r' must be an integer >= 1, got {lora['r']!r}")
-    if not isinstance(lora["alpha"], (int, float)) or lora["alpha"] <= 0:
-        raise ValueError(f"train params: lora 'alpha' must be > 0, got {lora['alpha']!r}")
-    if not isinstance(lora["dropout"], (int, float)) or not 0 <= lora["dropout"] < 1:
-        raise ValueError(f"train params: lora 'dropout' must be in [0, 1), got {lora['dropout']!r}")
-    targets = lora["target_modules"]
-    if not (targets == "all-linear" or (isinstance(targets, list) and targets)):
-        raise ValueError(
-            f"train params: lora 'target_modules' must be a non-empty list or \"all-linear\", "
-            f"got {targets!r}"
-        )
-    return lora
 
 
 def replay_params(params: dict[str, Any]) -> float | None:
@@ -421,6 +361,46 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def claim_work_dir(out: Path) -> int:
+    """Lock the work dir of ``out`` for this process's life; return the lock's fd.
+
+    Rank 0 alone takes it: it is the only rank that creates, wipes or deletes the work dir,
+    and torchrun ends the other ranks of a job whose rank 0 failed. A second trainer fails here
+    at once (lifeline.LockHeld naming the work dir and the holder's pid), before any model is
+    loaded, instead of racing the first on the same checkpoints.
+    """
+    out = Path(out)
+    workdir = work_dir_for(out)
+    fd = lifeline.hold_lock(workdir / WORK_LOCK, f"work dir {workdir}")
+    if out.is_dir() and any(out.iterdir()):
+        release_work_dir(out, fd)
+        raise FileExistsError(
+            f"output {out} already exists (another run finished it); a finished artifact is "
+            "never overwritten: move it away to train it again"
+        )
+    return fd
+
+
+def release_work_dir(out: Path, fd: int) -> None:
+    """Let go of the lock; a work dir that holds nothing else (the job failed before
+    training) is removed, so failed starts leave nothing behind."""
+    workdir = work_dir_for(out)
+    with contextlib.suppress(OSError):
+        if [p.name for p in workdir.iterdir()] == [WORK_LOCK]:
+            (workdir / WORK_LOCK).unlink()
+            workdir.rmdir()
+    os.close(fd)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) as torchrun sets them; (0, 1) for a plain process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -459,9 +439,18 @@ def prepare_work_dir(workdir: Path, meta: dict[str, Any]) -> Path | None:
     if workdir.is_dir():
         meta_file = workdir / WORK_META
         old = read_json(meta_file) if meta_file.is_file() else None
-        if old != meta:
+        # The lock alone is this process's own (claim_work_dir): nothing to start afresh from.
+        if old != meta and any(path.name != WORK_LOCK for path in workdir.iterdir()):
             log.warning("work dir %s belongs to another run (%s); starting afresh", workdir, old)
-            shutil.rmtree(workdir)
+            # Everything but the lock: deleting the file this process holds locked would let a
+            # second trainer lock a new file of the same name.
+            for path in workdir.iterdir():
+                if path.name == WORK_LOCK:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / WORK_META, meta)
     resume = None
@@ -551,11 +540,6 @@ def run_training(
     from transformers import TrainingArguments
 
     rank, world = _world()
-    if train["grad_accum"] % world:
-        raise ValueError(
-            f"train params: grad_accum {train['grad_accum']} must be a multiple of the "
-            f"{world} training processes (it counts micro-batches over all of them)"
-        )
     accum = train["grad_accum"] // world
     per_round = train["batch_size"] * world
     if world > 1:
@@ -665,6 +649,7 @@ def _finish(
     out: Path,
     save_dtype: torch.dtype,
     extra: dict[str, Any],
+    allow_nonfinite: bool = False,
 ) -> None:
     train = train_params(recipe["params"])
     _check_seq_len(model, train["seq_len"])
@@ -675,14 +660,29 @@ def _finish(
     if trainer.is_fsdp_enabled:  # a collective: every rank takes part
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.args.process_index == 0:
+        # Checked in the dtype written: a cast to float16 can overflow to Inf on its own.
+        if state_dict is not None:
+            state_dict = {k: v.to(save_dtype) for k, v in state_dict.items()}
+            bad = nonfinite_tensors(state_dict)
+        else:
+            model = model.to(save_dtype)
+            bad = nonfinite_tensors(model.state_dict())
+        if bad and not allow_nonfinite:
+            raise NonFiniteWeights(
+                f"trained weights of {out} hold NaN or Inf in {len(bad)} tensor(s), first "
+                f"{bad[0]!r}; nothing was written and the checkpoints stay in {workdir}: lower "
+                "lr, or pass --allow-nonfinite (config integrity.allow_nonfinite) to write them"
+            )
+        if bad:
+            log.warning("writing %d tensor(s) with NaN or Inf (--allow-nonfinite)", len(bad))
+            metrics["nonfinite_tensors"] = len(bad)
         with atomic_dir(out) as tmp:
             if state_dict is not None:
-                state_dict = {k: v.to(save_dtype) for k, v in state_dict.items()}
                 trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
                     tmp, state_dict=state_dict
                 )
             else:
-                model.to(save_dtype).save_pretrained(tmp)
+                model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "metrics.json", {**extra, **metrics})
             write_recipe(tmp, recipe)
@@ -700,14 +700,21 @@ def _load_model(model_dir: Path) -> tuple[Any, Any, torch.dtype]:
     stored = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored)
+    # Models enter the workflow as safetensors: a pickle is never loaded.
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=False
+        model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return model, tokenizer, stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def pretrain(recipe: dict[str, Any], tokenizer_dir: Path, data_dirs: list[Path], out: Path) -> None:
+def pretrain(
+    recipe: dict[str, Any],
+    tokenizer_dir: Path,
+    data_dirs: list[Path],
+    out: Path,
+    allow_nonfinite: bool = False,
+) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM, set_seed
 
     from workflow.models import scratch_config
@@ -729,7 +736,7 @@ def pretrain(recipe: dict[str, Any], tokenizer_dir: Path, data_dirs: list[Path],
         "epochs": train["epochs"],
         "parameters": model.num_parameters(),
     }
-    _finish(model, tokenizer, dataset, collator, recipe, out, torch.float32, extra)
+    _finish(model, tokenizer, dataset, collator, recipe, out, torch.float32, extra, allow_nonfinite)
 
 
 def continual(
@@ -738,6 +745,7 @@ def continual(
     data_dir: Path,
     out: Path,
     replay_dir: Path | None = None,
+    allow_nonfinite: bool = False,
 ) -> None:
     params = recipe["params"]
     train = train_params(params)
@@ -770,10 +778,16 @@ def continual(
             dataset = Interleaved(dataset, blocks)
         extra.update(replay_share=share, replay_tokens_budget=wanted)
     collator = CountingCollator(_pad_id(tokenizer))
-    _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra)
+    _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra, allow_nonfinite)
 
 
-def sft(recipe: dict[str, Any], model_dir: Path, corpus: Path, out: Path) -> None:
+def sft(
+    recipe: dict[str, Any],
+    model_dir: Path,
+    corpus: Path,
+    out: Path,
+    allow_nonfinite: bool = False,
+) -> None:
     params = recipe["params"]
     train = train_params(params)
     examples = params.get("examples")
@@ -795,7 +809,7 @@ def sft(recipe: dict[str, Any], model_dir: Path, corpus: Path, out: Path) -> Non
             t: sum(r["topic"] == t for r in records) for t in sorted({r["topic"] for r in records})
         },
     }
-    _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra)
+    _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra, allow_nonfinite)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -822,21 +836,40 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--recipe", type=parse_recipe_arg, required=True)
         command.add_argument("--out", type=Path, required=True)
         command.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        command.add_argument(
+            "--allow-nonfinite",
+            action="store_true",
+            help="write the model even if training left NaN or Inf in its weights",
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    lifeline.arm()  # under workflow.launch: die with the job, never run on as an orphan
     if args.threads is not None:
         # The job's threads are shared by the processes of a multi-process launch.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, args.threads // local))
+    held = None
+    allow = args.allow_nonfinite
     try:
+        if _world()[0] == 0:
+            held = claim_work_dir(args.out)
         if args.command == "pretrain":
-            pretrain(args.recipe, args.tokenizer, args.data, args.out)
+            pretrain(args.recipe, args.tokenizer, args.data, args.out, allow)
         elif args.command == "ct":
-            continual(args.recipe, args.model, args.data, args.out, args.replay)
+            continual(args.recipe, args.model, args.data, args.out, args.replay, allow)
         else:
-            sft(args.recipe, args.model, args.corpus, args.out)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+            sft(args.recipe, args.model, args.corpus, args.out, allow)
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ModuleNotFoundError,
+        lifeline.LockHeld,
+    ) as error:
         sys.exit(f"error: {error}")
+    finally:
+        if held is not None:
+            release_work_dir(args.out, held)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ A sweep (several variants over the same inputs, one pass):
     python -m workflow.merge --recipes '[<json>, <json>, ...]' --base BASE_DIR \
         --models CT_DIR [...] SFT_DIR --outs OUT_DIR OUT_DIR ...
 
-``--models`` are given in the order of the recipes' "models" lists.
+``--models`` are given in the order of the recipes' "models" lists. A bad input (a corrupt or
+truncated checkpoint, NaN/Inf weights without ``--allow-nonfinite``, tensors that do not match)
+exits with status 1 and one line on stderr naming the file and tensor at fault.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from workflow.artifacts import parse_recipe_arg
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diagnostics-only", action="store_true",
                         help="compute the merge for diagnostics.json and write no weights "
                         "(merge_options.materialize: false)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="merge inputs holding NaN/Inf weights instead of refusing them "
+                        "(config: integrity.allow_nonfinite)")
     args = parser.parse_args(argv)
     recipes = [args.recipe] if args.recipe is not None else args.recipes
     out_dirs = [args.out] if args.out is not None else args.outs
@@ -61,9 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.diagnostics_only and args.no_diagnostics:
         parser.error("--diagnostics-only and --no-diagnostics exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    merge_many(recipes, args.base, args.models, out_dirs, max_shard_bytes=args.max_shard_bytes,
-               device=args.device, diagnostics=not args.no_diagnostics,
-               weights=not args.diagnostics_only)
+    try:
+        merge_many(recipes, args.base, args.models, out_dirs,
+                   max_shard_bytes=args.max_shard_bytes, device=args.device,
+                   diagnostics=not args.no_diagnostics, weights=not args.diagnostics_only,
+                   allow_nonfinite=args.allow_nonfinite)
+    except (ValueError, OSError) as error:
+        # Bad inputs and a full disk: their messages name the file (and tensor); a traceback
+        # would only bury them in the job's log.
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

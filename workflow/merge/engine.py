@@ -24,6 +24,15 @@ Tied embeddings. A model may omit ``lm_head.weight`` when its config ties it; wh
 the tensor, that model's input embeddings stand in. A model's extra ``lm_head.weight`` is ignored
 when the base ties it. Non-floating tensors are copied from the base.
 
+Integrity (DESIGN §3). A truncated or corrupt input (a safetensors header that is not JSON or
+claims more bytes than the file has, a tensor whose data lies past the end of the file, an
+index or config that is not JSON) is a :class:`CheckpointError` naming the file and tensor,
+raised when the input is opened, before any output exists. Every floating input tensor (base
+and models) is checked for NaN/Inf as it is read, once per input, by one sum (NaN and Inf
+survive any sum); a non-finite value is a :class:`CheckpointError` naming the tensor and file,
+unless ``allow_nonfinite``, which merges anyway (what each method then does: the module
+docstring of :mod:`workflow.merge.methods`) and leaves such tensors out of the diagnostics.
+
 Each output directory gets the shards (+ index), config.json (the base's, vocab size updated),
 tokenizer and generation files (from the task model, else the base), diagnostics.json,
 mergekit.yaml (when mergekit has the method), a README.md model card carrying the recipe, and
@@ -37,6 +46,7 @@ import errno
 import gc
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -102,6 +112,13 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
+ALLOW_NONFINITE_HINT = "set integrity.allow_nonfinite: true (--allow-nonfinite) to merge anyway"
+
+
+class CheckpointError(ValueError):
+    """An input checkpoint that cannot be merged as it is (corrupt, truncated, NaN/Inf); the
+    message names the file and, where known, the tensor."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,24 +126,64 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # --------------------------------------------------------------------------------------------
 
 
+def _entry_problem(entry: Any, data_size: int) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header (None: nothing)."""
+    if not isinstance(entry, dict):
+        return f"has a header entry that is not an object ({entry!r})"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        return f"has unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"has an invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        return f"has invalid data_offsets {offsets!r}"
+    start, end = offsets
+    if end > data_size:
+        return (f"ends at byte {end} of the data, but the file holds {data_size} bytes of data "
+                "(truncated or corrupt)")
+    need = _numel(shape) * _ITEMSIZE[dtype]
+    if end - start != need:
+        return f"spans {end - start} bytes where its {dtype} shape {shape} needs {need}"
+    return None
+
+
 class SafetensorsFile:
-    """A memory-mapped safetensors file; tensors are zero-copy views of the mapping."""
+    """A memory-mapped safetensors file; tensors are zero-copy views of the mapping.
+
+    The header is checked against the file size when opened, so a truncated or corrupt file is
+    a CheckpointError naming it (and the tensor), not a crash in the middle of a merge.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path} is not a safetensors file: it has {size} bytes, "
+                                      "fewer than the 8 of the header length")
             (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
+            if length > size - 8:
+                # Checked before reading: a garbage length must not become a huge allocation.
+                raise CheckpointError(f"{path} is truncated or not a safetensors file: its "
+                                      f"header length is {length} bytes but {size - 8} follow")
+            try:
+                header = json.loads(handle.read(length))
+            except (ValueError, RecursionError) as error:  # JSON, UTF-8, absurd nesting
+                raise CheckpointError(f"{path} has a corrupt safetensors header that is not "
+                                      f"JSON ({error})") from None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON "
+                                      f"{type(header).__name__}, not an object")
             # Copy-on-write: torch wants a writable buffer, and we never write.
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) \
-                if handle.seek(0, 2) > 0 else None
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         header.pop("__metadata__", None)
         self._data_start = 8 + length
-        self.entries: dict[str, dict[str, Any]] = header
         for name, entry in header.items():
-            if entry.get("dtype") not in DTYPES:
-                raise ValueError(f"tensor {name!r} in {path} has unsupported dtype "
-                                 f"{entry.get('dtype')!r}")
+            problem = _entry_problem(entry, size - self._data_start)
+            if problem is not None:
+                raise CheckpointError(f"tensor {name!r} of {path} {problem}")
+        self.entries: dict[str, dict[str, Any]] = header
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -138,8 +195,8 @@ class SafetensorsFile:
         entry = self.entries[name]
         start, end = entry["data_offsets"]
         dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
-        count = (end - start) // torch.empty((), dtype=dtype).element_size()
-        if count == 0 or self._map is None:
+        count = (end - start) // _ITEMSIZE[entry["dtype"]]
+        if count == 0:
             return torch.empty(shape, dtype=dtype)
         flat = torch.frombuffer(self._map, dtype=dtype, count=count,
                                 offset=self._data_start + start)
@@ -153,9 +210,10 @@ class Checkpoint:
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index} has no 'weight_map' object")
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index} has no 'weight_map' object of file names")
             self._file_of: dict[str, str] = dict(weight_map)
         elif (self.directory / SINGLE_FILE).is_file():
             self._file_of = dict.fromkeys(SafetensorsFile(self.directory / SINGLE_FILE).entries,
@@ -164,7 +222,11 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
         self._files: dict[str, SafetensorsFile] = {}
         config = self.directory / "config.json"
-        self.config: dict[str, Any] = read_json(config) if config.is_file() else {}
+        self.config: dict[str, Any] = _read_json(config) if config.is_file() else {}
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        return self.directory / self._file_of[name]
 
     def _file(self, name: str) -> SafetensorsFile:
         file = self._file_of[name]
@@ -175,7 +237,8 @@ class Checkpoint:
             self._files[file] = SafetensorsFile(path)
         handle = self._files[file]
         if name not in handle.entries:
-            raise ValueError(f"tensor {name!r} is listed for {file} but not in it")
+            raise CheckpointError(f"tensor {name!r} is listed for {self.directory / file} "
+                                  "but not in it")
         return handle
 
     def names(self) -> list[str]:
@@ -194,6 +257,33 @@ class Checkpoint:
     def vocab_size(self) -> int | None:
         size = self.config.get("vocab_size", self.config.get("text_config", {}).get("vocab_size"))
         return int(size) if isinstance(size, int) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint's index or config; a corrupt one names the file."""
+    try:
+        value = read_json(path)
+    except ValueError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def nonfinite_counts(x: Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a floating tensor.
+
+    NaN and Inf survive any sum, so a finite sum clears the tensor in one read pass with no
+    temporary (~10x cheaper than ``isfinite().all()``, which writes a bool per entry); only a
+    non-finite sum (or finite values summing past the dtype's range) pays for the counts.
+    """
+    if x.numel() == 0:
+        return 0, 0
+    # float8 has no sum kernel; the others accumulate in float32 already.
+    total = x.sum(dtype=torch.float32) if x.element_size() == 1 else x.sum()
+    if math.isfinite(float(total)):
+        return 0, 0
+    return int(torch.isnan(x).count_nonzero()), int(torch.isinf(x).count_nonzero())
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,13 +555,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_finite(plan: TensorPlan, base: Checkpoint, b: Tensor, inputs: Sequence[Checkpoint],
+                  xs: Sequence[Tensor], allow_nonfinite: bool) -> bool:
+    """Whether the inputs of one floating tensor are all finite; raises CheckpointError naming
+    the first non-finite one unless ``allow_nonfinite`` (then it is logged)."""
+    finite = True
+    for ck, name, x in ((base, plan.name, b), *zip(inputs, plan.sources, xs, strict=True)):
+        nan, inf = nonfinite_counts(x)
+        if nan or inf:
+            what = (f"non-finite values ({nan} NaN, {inf} Inf) in tensor {name} of "
+                    f"{ck.file_of(name)}")
+            if not allow_nonfinite:
+                raise CheckpointError(f"{what}; {ALLOW_NONFINITE_HINT}")
+            log.warning("%s: merged anyway (allow_nonfinite), left out of the diagnostics", what)
+            finite = False
+    return finite
+
+
 def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoint],
                   variants: Sequence[Variant], outs: Sequence[Tensor], device: torch.device,
-                  diagnostics: bool) -> None:
+                  diagnostics: bool, allow_nonfinite: bool = False) -> None:
     """Merge one tensor for every variant into ``outs`` (one per variant)."""
     b = base.get(plan.name)
     rows = b.shape[0] if plan.base_rows is not None else None
     xs = [ck.get(source) for ck, source in zip(inputs, plan.sources, strict=True)]
+    if b.is_floating_point() and not _check_finite(plan, base, b, inputs, xs, allow_nonfinite):
+        diagnostics = False  # NaN counts and ratios would mean nothing
     if rows is not None:
         # Rows beyond the base come from the model that has them; the rest merge as usual.
         extra = xs[plan.extender][rows:]
@@ -526,12 +635,13 @@ def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoin
 
 def _run(variants: Sequence[Variant], base: Checkpoint, inputs: Sequence[Checkpoint],
          plans: Sequence[TensorPlan], sinks: Sequence[Any], device: torch.device,
-         diagnostics: bool) -> None:
+         diagnostics: bool, allow_nonfinite: bool = False) -> None:
     label = ",".join(sorted({v.method for v in variants}))
     for plan in tqdm(plans, desc=f"merge ({label} x{len(variants)})", unit="tensor",
                      mininterval=1.0):
         outs = [sink.view(plan.name) for sink in sinks]
-        _merge_tensor(plan, base, inputs, variants, outs, device, diagnostics)
+        _merge_tensor(plan, base, inputs, variants, outs, device, diagnostics,
+                      allow_nonfinite)
         del outs
 
 
@@ -592,13 +702,14 @@ def _model_card(recipe: dict, yaml_text: str | None) -> str:
 def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Path],
                out_dirs: Sequence[Path], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                device: str | torch.device | None = None, diagnostics: bool = True,
-               weights: bool = True) -> None:
+               weights: bool = True, allow_nonfinite: bool = False) -> None:
     """Merge several recipes over the same base and models in one pass over the inputs.
 
     ``model_dirs`` follow each recipe's "models" order; every recipe must list the same models
     (the same count and roles), and ``out_dirs[j]`` receives ``recipes[j]``. Without
     ``weights`` each output gets only the diagnostics, the recipe, the model card and the
-    mergekit YAML (the merge is computed and dropped tensor by tensor).
+    mergekit YAML (the merge is computed and dropped tensor by tensor). NaN/Inf in an input
+    tensor is a CheckpointError unless ``allow_nonfinite`` (config ``integrity.allow_nonfinite``).
     """
     if not weights and not diagnostics:
         raise ValueError("a merge without weights is only for its diagnostics")
@@ -625,7 +736,7 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
         writers = ([ShardWriter(tmp, layout, max_shard_bytes) for tmp in tmps] if weights
                    else [DiscardSink(layout)] * len(tmps))  # one shared scratch buffer
         try:
-            _run(variants, base, inputs, plans, writers, device, diagnostics)
+            _run(variants, base, inputs, plans, writers, device, diagnostics, allow_nonfinite)
         finally:
             for writer in writers:
                 writer.finish()
@@ -658,39 +769,46 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
 
 def merge_models(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], out_dir: Path, *,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 device: str | torch.device | None = None, diagnostics: bool = True) -> None:
-    """Merge ``model_dirs`` (in ``recipe["models"]`` order) onto ``base_dir`` into ``out_dir``."""
+                 device: str | torch.device | None = None, diagnostics: bool = True,
+                 allow_nonfinite: bool = False) -> None:
+    """Merge ``model_dirs`` (in ``recipe["models"]`` order) onto ``base_dir`` into ``out_dir``
+    (``allow_nonfinite``: as :func:`merge_many`)."""
     merge_many([recipe], base_dir, model_dirs, [out_dir], max_shard_bytes=max_shard_bytes,
-               device=device, diagnostics=diagnostics)
+               device=device, diagnostics=diagnostics, allow_nonfinite=allow_nonfinite)
 
 
 def merged_state_dict(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], *,
-                      device: str | torch.device | None = None
+                      device: str | torch.device | None = None, allow_nonfinite: bool = False
                       ) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
-    """The merged tensors in memory, the output config and the tokenizer directory."""
+    """The merged tensors in memory, the output config and the tokenizer directory
+    (``allow_nonfinite``: as :func:`merge_many`)."""
     variant = resolve_variant(recipe)
     base, inputs = _open_inputs(Path(base_dir), model_dirs, len(variant.per_model))
     plans, extender = plan_tensors(base, inputs)
     sink = MemorySink(_layout(base, plans))
     device = torch.device(device) if device is not None else default_device()
-    _run([variant], base, inputs, plans, [sink], device, diagnostics=False)
+    _run([variant], base, inputs, plans, [sink], device, diagnostics=False,
+         allow_nonfinite=allow_nonfinite)
     return (sink.tensors, _output_config(base, inputs, extender),
             _tokenizer_source(Path(base_dir), model_dirs, variant.task_index, extender))
 
 
 def load_merged_model(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], *,
                       device: str | torch.device = "cpu",
-                      dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
+                      dtype: str | torch.dtype | None = None,
+                      allow_nonfinite: bool = False) -> tuple[Any, Any]:
     """Merge-on-load: build the merged model in memory, no checkpoint written.
 
     Returns ``(model, tokenizer)`` (an ``AutoModelForCausalLM`` in eval mode on ``device`` and
     its ``AutoTokenizer``), equal to loading what :func:`merge_models` would write. ``dtype``
     casts the merged weights after merging (the merge itself runs in the inputs' dtype, as the
-    written checkpoint would); None keeps the inputs' dtype.
+    written checkpoint would); None keeps the inputs' dtype. ``allow_nonfinite``: as
+    :func:`merge_many`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tensors, config_dict, tokenizer_dir = merged_state_dict(recipe, base_dir, model_dirs)
+    tensors, config_dict, tokenizer_dir = merged_state_dict(recipe, base_dir, model_dirs,
+                                                            allow_nonfinite=allow_nonfinite)
     model_type = config_dict.get("model_type")
     if not model_type:
         raise ValueError(f"{Path(base_dir) / 'config.json'} has no 'model_type'")
@@ -712,5 +830,6 @@ def load_merged_model(recipe: dict, base_dir: Path, model_dirs: Sequence[Path], 
     return model, tokenizer
 
 
-__all__ = ["Checkpoint", "ShardWriter", "check_compatible", "load_merged_model", "merge_many",
-           "merge_models", "merged_state_dict", "plan_tensors"]
+__all__ = ["Checkpoint", "CheckpointError", "ShardWriter", "check_compatible",
+           "load_merged_model", "merge_many", "merge_models", "merged_state_dict",
+           "nonfinite_counts", "plan_tensors"]

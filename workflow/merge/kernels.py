@@ -24,6 +24,10 @@ op in float32 (tests check bit equality), but:
   instead. The steps between the passes (sample, selection) run per model on the workers, and
   the caller's own torch ops run single-threaded meanwhile: with torch's default intra-op
   threads they were measured 4x slower on a shared machine, and were most of a TIES merge.
+- NaN magnitudes (inputs merged with ``allow_nonfinite``) rank below every number, as in
+  :func:`~workflow.merge.methods.topk_mask`: every compare with NaN is false, so they never
+  count above a band nor fall inside one, and a sample they distort only sends the selection to
+  the exact fallback.
 - Masks in the merge pass are float 0/1, not bool: multiplying by them is bit for bit the same
   and torch writes them several times faster on CPU. A keep mask is one compare per entry
   (``>=`` up to the tie cut, ``>`` after it).
@@ -58,6 +62,7 @@ from workflow.merge.methods import (
     MergeMethod,
     Sparsification,
     kth_largest,
+    nan_count,
     topk_count,
 )
 
@@ -204,20 +209,29 @@ def _sample_positions(n: int) -> Tensor:
 
 def _exact_keep(magnitude: Tensor, k: int) -> Keep:
     n = magnitude.numel()
-    if k >= n:
-        return Keep.everything()
     if k <= 0:
         return Keep.nothing()
-    threshold = kth_largest(magnitude, k)
+    # NaN magnitudes (allow_nonfinite) rank below every number, as in topk_mask: a k reaching
+    # past the numbers keeps them all, which is everything (a mask leaves NaN as it is).
+    nan = nan_count(magnitude) if k < n else 0
+    if k >= n - nan:
+        return Keep.everything()
+    threshold = kth_largest(magnitude, k, nan)
     missing = k - int((magnitude > threshold).count_nonzero())
     return Keep(threshold, _nth_tie(magnitude, threshold, missing, 0))
 
 
 def _nth_tie(magnitude: Tensor, threshold: float, missing: int, start: int) -> int:
-    """Flat index of the ``missing``-th entry equal to ``threshold`` (-1 for none)."""
+    """Flat index of the ``missing``-th entry equal to ``threshold`` (-1 for none).
+
+    ``threshold`` is a number (the selections skip NaN), so the ties counted before the call
+    are there; a shortfall would be a bug in the selection, reported as one."""
     if missing <= 0:
         return -1
     ties = (magnitude == threshold).nonzero().squeeze(1)
+    if ties.numel() < missing:
+        raise RuntimeError(f"top-k selection found {ties.numel()} entries equal to its "
+                           f"threshold {threshold} where it needs {missing}")
     return start + int(ties[missing - 1])
 
 

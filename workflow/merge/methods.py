@@ -31,6 +31,11 @@ Differences from mergekit, all deliberate:
 - A model's ``weight`` defaults to 1 (mergekit requires it).
 - slerp interpolates the two models of the recipe (the base is then only the layout reference);
   given a single model it interpolates base to model, as mergekit does.
+- Non-finite inputs (the engine refuses them unless ``allow_nonfinite``): top-k selections rank
+  NaN below every number, and a mask cannot remove a NaN (NaN * 0 is NaN), so each NaN or Inf
+  input entry gives a non-finite merged entry while the rest of the tensor merges as if it were
+  not there (its place in a top-k goes to a number). Methods that take whole-tensor norms or
+  sums (slerp, model_stock, DARE and DELLA with ``rescale``) give an all-NaN tensor instead.
 
 Also here: per-tensor merge diagnostics (:func:`delta_diagnostics`), pure functions as well.
 """
@@ -76,10 +81,21 @@ def topk_count(density: float, numel: int) -> int:
     return max(1, int(density * numel)) if numel else 0
 
 
-def kth_largest(flat: Tensor, k: int) -> float:
-    """The k-th largest value (1 <= k <= numel) of a 1-D tensor, by selection, not sorting."""
-    n = flat.numel()
-    # numpy's partition is the fastest selection on CPU (DESIGN §8); kthvalue elsewhere.
+def nan_count(flat: Tensor) -> int:
+    """How many entries of a float tensor are NaN. NaN survives any sum, so a NaN-free tensor
+    (every merge unless ``allow_nonfinite``) costs one reduction and no mask."""
+    if not math.isnan(float(flat.sum())):
+        return 0
+    return int(torch.isnan(flat).count_nonzero())
+
+
+def kth_largest(flat: Tensor, k: int, nan: int | None = None) -> float:
+    """The k-th largest number of a 1-D tensor by selection, not sorting, with NaN entries
+    ranked below every number (``1 <= k <=`` the count of non-NaN entries; ``nan``: their
+    count when the caller knows it)."""
+    n = flat.numel() - (nan_count(flat) if nan is None else nan)
+    # numpy's partition is the fastest selection on CPU (DESIGN §8); kthvalue elsewhere. Both
+    # order NaN after every number, so the k-th largest number sits at n - k of the numbers.
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
         return float(np.partition(flat.numpy(), n - k)[n - k])
     return float(flat.kthvalue(n - k + 1).values)
@@ -90,7 +106,9 @@ def topk_mask(values: Tensor, k: int) -> Tensor:
 
     Entries equal to the k-th largest value are kept in flat-index order (lowest index first), so
     the result is deterministic and keeps exactly k even when many values tie at the threshold.
-    Masks for k1 <= k2 are nested.
+    Masks for k1 <= k2 are nested. NaN entries (inputs merged with ``allow_nonfinite``) rank
+    below every number: they take none of the k places, so a top-k below the count of numbers
+    never keeps them; masking cannot remove them anyway (NaN * 0 is NaN).
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -98,7 +116,10 @@ def topk_mask(values: Tensor, k: int) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(values, dtype=torch.bool)
-    threshold = kth_largest(flat, k)
+    nan = nan_count(flat)
+    if k >= n - nan:
+        return ~torch.isnan(values)
+    threshold = kth_largest(flat, k, nan)
     mask = flat > threshold
     missing = k - int(mask.count_nonzero())
     if missing > 0:
