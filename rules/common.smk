@@ -1,7 +1,6 @@
 # Helpers shared by all rule files (config validation, the plan, input functions, resources)
 # and stage_rules(), which defines each stage's rule from the stage table.
 import atexit
-import json
 import os
 import shlex
 import sys
@@ -47,13 +46,15 @@ except ConfigError as error:
 config.clear()
 config.update(_validated)
 PLAN = Plan(config, workdir=os.getcwd())
+# Jobs go to a cluster (a non-local executor such as profiles/slurm: --jobs gives nodes; local
+# runs alias --jobs to --cores). Only then do rules get their groups (Stage.group).
+SUBMITS_JOBS = workflow.resource_settings.nodes is not None
 # The cluster check (workflow/cluster.py): a placeholder account, or threads or memory no node
 # has (such a job would pend forever), stops the run before any submission. Only the process
-# that submits to a cluster (a non-local executor: --jobs gives nodes) asks sinfo, once.
+# that submits to a cluster asks sinfo, once.
 try:
     check_cluster_config(config)
-    if (workflow.resource_settings.nodes is not None and not workflow.remote_exec
-            and not workflow.subprocess_exec):
+    if SUBMITS_JOBS and not workflow.remote_exec and not workflow.subprocess_exec:
         _nodes = query_nodes()
         if _nodes:
             check_capacity(config, {STAGES[name].resources for name, _ in PLAN.by_key
@@ -75,12 +76,13 @@ if not isinstance(getattr(type(workflow), "rerun_triggers", None), property):
 type(workflow).rerun_triggers = property(lambda self: frozenset())
 
 
-def _point_latest_report():
+def _point_latest_report(report=os.path.abspath(PLAN.report.path)):
     # results/report/latest: the report of this config, also when nothing had to run (a config
     # switched back to an earlier one finds its report built). At exit, since onsuccess does not
-    # run when there is nothing to do, and whether this was a dry run is known only then.
-    if not workflow.dryrun and is_complete(PLAN.report.path):
-        point_latest(PLAN.report.path)
+    # run when there is nothing to do, and whether this was a dry run is known only then (an
+    # absolute path: Snakemake has left --directory by then).
+    if not workflow.dryrun and is_complete(report):
+        point_latest(report)
 
 
 atexit.register(_point_latest_report)
@@ -169,13 +171,8 @@ def stage_command(rule_name):
             verified = [path for path in _paths(artifact.inputs) if path.startswith("results/")]
             if verified:
                 launch += ["--verify", *verified]
-        if rule_name == "merge_sweep":
-            recipe = ["--recipes", json.dumps(artifact.recipe["variants"], sort_keys=True)]
-        else:
-            recipe = ["--recipe", artifact.recipe_json]
-        run = [*stage.command.split(), *stage.flags.split(), *recipe, *_stage_args(artifact)]
-        if rule_name != "merge_sweep":
-            run += ["--out", artifact.path]
+        run = [*stage.command.split(), *stage.flags.split(), "--recipe", artifact.recipe_json,
+               *_stage_args(artifact), "--out", artifact.path]
         if stage.threads_flag:
             run += ["--threads", str(threads)]
         if stage.nonfinite_flag and config["integrity"]["allow_nonfinite"]:
@@ -222,7 +219,7 @@ def stage_rules(*names):
             name:
                 name
             localrule: stage.local
-            group: stage.group or None
+            group: (stage.group or None) if SUBMITS_JOBS else None
             input:
                 unpack(get_inputs(name)),
             output:

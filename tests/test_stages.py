@@ -21,11 +21,15 @@ def test_the_committed_code_matches_the_stage_lock():
 
 @pytest.fixture
 def project_copy(tmp_path) -> tuple[Path, Path]:
-    """The stage modules and the lock, copied: the guard runs on the copy."""
+    """The stage modules, copied, with a lock of their current code: the guard runs there."""
     root = tmp_path / "project"
     shutil.copytree(PROJECT_DIR / "workflow", root / "workflow",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    return root, root / "workflow" / "stages.lock.json"
+    lock = root / "workflow" / "stages.lock.json"
+    lock.unlink()
+    stages.record(list(stages.STAGE_SOURCES), "baseline of the copy", root, lock)
+    assert stages.check(root, lock) == []
+    return root, lock
 
 
 def _edit(path: Path, old: str, new: str) -> None:

@@ -60,7 +60,7 @@ def snakemake(
     return result
 
 
-_JOB = re.compile(r"^(?:local)?rule (\w+):\s*$")
+_JOB = re.compile(r"^\s*(?:local)?rule (\w+):\s*$")  # group members are indented
 _FIELD = re.compile(r"^\s+(output|resources): (.+)$")
 
 

@@ -353,6 +353,7 @@ class MergeOnLoad:
 
     base: Path
     models: list[Path]
+    allow_nonfinite: bool = False  # integrity.allow_nonfinite: merge NaN/Inf inputs anyway
 
 
 def evaluate(
@@ -444,7 +445,8 @@ def _run_lm_eval(
         from workflow.merge.engine import load_merged_model
 
         merged, tokenizer = load_merged_model(recipe["merge"], model.base, model.models,
-                                              device=device, dtype=params["dtype"])
+                                              device=device, dtype=params["dtype"],
+                                              allow_nonfinite=model.allow_nonfinite)
         lm = HFLM(pretrained=merged, tokenizer=tokenizer, batch_size=params["batch_size"],
                   max_length=params["max_length"])
     else:
@@ -490,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
                         "need none)")
     parser.add_argument("--out", required=True, type=Path, help="score file to write (JSON)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="merge-on-load: merge NaN/Inf inputs instead of refusing them "
+                        "(config: integrity.allow_nonfinite)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -499,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.exit(2, f"evaluate: error: bad --recipe: {error}\n")
     try:
-        model = args.model or MergeOnLoad(args.merge_base, args.merge_models)
+        model = args.model or MergeOnLoad(args.merge_base, args.merge_models,
+                                          args.allow_nonfinite)
         suites = parse_named_paths(args.suite, "--suite")
     except ValueError as error:
         parser.exit(2, f"evaluate: error: {error}\n")

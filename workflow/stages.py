@@ -155,7 +155,7 @@ STAGES: dict[str, Stage] = {
               nonfinite_flag=True, version_of="merge"),
         Stage("evaluate", "evaluate", "results/eval/{subject}/{suites}/{digest}/scores.json",
               "evaluate", "evaluate", "workflow.evaluate", threads_flag=True, output_file=True,
-              group="evaluate"),
+              nonfinite_flag=True, group="evaluate"),
         # Reads only score and metrics JSON files (thousands of them): nothing to verify.
         Stage("report", "report", "results/report/{digest}", "report", "report",
               "workflow.report", verify_inputs=False, local=True),

@@ -484,3 +484,35 @@ def test_a_killed_merge_leaves_no_temporaries_once_rerun(tmp_path):
     assert read_json(out / "recipe.json")["recipe"] == recipe
     merged = load_file(out / "model.safetensors")
     assert merged.keys() == {"w"} and torch.isfinite(merged["w"]).all()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "breadcrumbs"])  # streamed; reference
+def test_huge_finite_values_are_not_taken_for_nonfinite(method, inputs, tmp_path):
+    """Sums of finite values can overflow to Inf: the exact count then clears the tensor."""
+    tensors = load_file(inputs["base"] / "model.safetensors")
+    tensors["model.norm.weight"][:4] = 3e38
+    base = _write(tmp_path / "base", tensors)
+    out = tmp_path / "merged"
+    merge_models(_recipe(method), base, [base, base], out)  # zero task vectors: out = base
+    assert torch.equal(load_file(out / "model.safetensors")["model.norm.weight"],
+                       tensors["model.norm.weight"])
+
+
+def test_a_refused_merge_leaves_its_traceback_readable(inputs, tmp_path):
+    """The kernel refuses NaN after writing into the output shard's map; the traceback's frames
+    still hold views of it, and showing their values (pytest, a debugger) must not segfault."""
+    ct = _poison(inputs["ct"], tmp_path / "ct", nan=1)
+    script = f"""
+import traceback
+from workflow.merge.engine import CheckpointError, merge_models
+try:
+    merge_models({_recipe("ties")!r}, {str(inputs["base"])!r}, [{str(ct)!r},
+                 {str(inputs["sft"])!r}], {str(tmp_path / "m")!r})
+except CheckpointError as error:
+    shown = traceback.TracebackException.from_exception(error, capture_locals=True)
+    print("".join(shown.format()).count("tensor("), "tensors shown")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^[1-9]\d* tensors shown$", result.stdout, re.M), result.stdout

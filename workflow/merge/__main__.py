@@ -8,6 +8,11 @@ A sweep (several variants over the same inputs, one pass):
     python -m workflow.merge --recipes '[<json>, <json>, ...]' --base BASE_DIR \
         --models CT_DIR [...] SFT_DIR --outs OUT_DIR OUT_DIR ...
 
+The workflow's sweep job gives the sweep's own recipe (stage ``merge_sweep``, its variants
+inside) with ``--recipe``, the sweep directory with ``--out`` and the variants' directories,
+inside it, with ``--outs``: the whole sweep is then published at once, so a killed sweep never
+leaves a sweep directory that looks finished.
+
 ``--models`` are given in the order of the recipes' "models" lists. A bad input (a corrupt or
 truncated checkpoint, NaN/Inf weights without ``--allow-nonfinite``, tensors that do not match)
 exits with status 1 and one line on stderr naming the file and tensor at fault.
@@ -16,12 +21,13 @@ exits with status 1 and one line on stderr naming the file and tensor at fault.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-from workflow.artifacts import parse_recipe_arg
+from workflow.artifacts import atomic_dir, parse_recipe_arg, write_recipe
 from workflow.merge.engine import DEFAULT_MAX_SHARD_BYTES, merge_many
 
 
@@ -43,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", required=True, type=Path, help="base model directory")
     parser.add_argument("--models", required=True, nargs="+", type=Path,
                         help="model directories, in the recipe's 'models' order")
-    outs = parser.add_mutually_exclusive_group(required=True)
-    outs.add_argument("--out", type=Path, help="output model directory (with --recipe)")
-    outs.add_argument("--outs", nargs="+", type=Path,
-                      help="output directories, one per recipe of --recipes")
+    parser.add_argument("--out", type=Path,
+                        help="output model directory (with --recipe), or a sweep's directory")
+    parser.add_argument("--outs", nargs="+", type=Path,
+                        help="output directories, one per recipe of --recipes or of a sweep")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
                         help="largest safetensors shard to write (default: %(default)s)")
     parser.add_argument("--device", default=None,
@@ -60,18 +66,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="merge inputs holding NaN/Inf weights instead of refusing them "
                         "(config: integrity.allow_nonfinite)")
     args = parser.parse_args(argv)
-    recipes = [args.recipe] if args.recipe is not None else args.recipes
-    out_dirs = [args.out] if args.out is not None else args.outs
+    sweep = args.recipe if args.recipe and args.recipe["stage"] == "merge_sweep" else None
+    if sweep:
+        recipes = sweep["variants"]
+        if args.out is None or not args.outs:
+            parser.error("a merge_sweep recipe needs --out (the sweep) and --outs (its variants)")
+        if any(args.out not in out.parents for out in args.outs):
+            parser.error(f"every --outs directory must lie inside --out {args.out}")
+    else:
+        recipes = [args.recipe] if args.recipe is not None else args.recipes
+        if (args.out is None) == (args.outs is None):
+            parser.error("give either --out or --outs")
+    out_dirs = [args.out] if args.out is not None and not sweep else args.outs
     if len(recipes) != len(out_dirs):
         parser.error(f"{len(recipes)} recipes but {len(out_dirs)} output directories")
     if args.diagnostics_only and args.no_diagnostics:
         parser.error("--diagnostics-only and --no-diagnostics exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        merge_many(recipes, args.base, args.models, out_dirs,
-                   max_shard_bytes=args.max_shard_bytes, device=args.device,
-                   diagnostics=not args.no_diagnostics, weights=not args.diagnostics_only,
-                   allow_nonfinite=args.allow_nonfinite)
+        with contextlib.ExitStack() as stack:
+            if sweep:  # the variants are built inside the sweep's temporary directory
+                tmp = stack.enter_context(atomic_dir(args.out, manifest=False))
+                out_dirs = [tmp / out.relative_to(args.out) for out in out_dirs]
+            merge_many(recipes, args.base, args.models, out_dirs,
+                       max_shard_bytes=args.max_shard_bytes, device=args.device,
+                       diagnostics=not args.no_diagnostics, weights=not args.diagnostics_only,
+                       allow_nonfinite=args.allow_nonfinite)
+            if sweep:  # each variant has its own manifest; the sweep is complete with it
+                write_recipe(tmp, sweep)
     except (ValueError, OSError) as error:
         # Bad inputs and a full disk: their messages name the file (and tensor); a traceback
         # would only bury them in the job's log.

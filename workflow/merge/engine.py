@@ -28,10 +28,11 @@ Integrity (DESIGN §3). A truncated or corrupt input (a safetensors header that 
 claims more bytes than the file has, a tensor whose data lies past the end of the file, an
 index or config that is not JSON) is a :class:`CheckpointError` naming the file and tensor,
 raised when the input is opened, before any output exists. Every floating input tensor (base
-and models) is checked for NaN/Inf as it is read, once per input, by one sum (NaN and Inf
-survive any sum); a non-finite value is a :class:`CheckpointError` naming the tensor and file,
-unless ``allow_nonfinite``, which merges anyway (what each method then does: the module
-docstring of :mod:`workflow.merge.methods`) and leaves such tensors out of the diagnostics.
+and models) is checked for NaN/Inf as it is read, by sums (NaN and Inf survive any sum): the
+streaming kernels sum the float32 copies they make anyway, other tensors get one sum per input
+here. A non-finite value is a :class:`CheckpointError` naming the tensor and file, unless
+``allow_nonfinite``, which merges anyway (what each method then does: the module docstring of
+:mod:`workflow.merge.methods`) and leaves such tensors out of the diagnostics.
 
 Each output directory gets the shards (+ index), config.json (the base's, vocab size updated),
 tokenizer and generation files (from the task model, else the base), diagnostics.json,
@@ -61,7 +62,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from workflow.artifacts import atomic_dir, read_json, write_json, write_recipe
-from workflow.merge.kernels import stream_merge, stream_plan
+from workflow.merge.kernels import NonFiniteInput, stream_merge, stream_plan
 from workflow.merge.methods import (
     DIAGNOSTIC_KEYS,
     MERGE_METHODS,
@@ -366,6 +367,13 @@ class ShardWriter:
         return torch.frombuffer(self._maps[index], dtype=dtype, count=count,
                                 offset=offset).view(shape)
 
+    def discard(self) -> None:
+        """Drop the maps of a failed merge without unmapping them: the exception's traceback
+        still holds views (torch.frombuffer keeps the map alive, not mapped), and reading one
+        after close(), as pytest or a debugger does to show arguments, is a segfault. Each map
+        is unmapped when its last view goes."""
+        self._maps = []
+
     def finish(self) -> None:
         gc.collect()  # views must be gone before the maps close
         for mapping in self._maps:
@@ -394,6 +402,9 @@ class DiscardSink:
             self._scratch = torch.empty(0)  # free the old one before allocating
             self._scratch = torch.empty(shape, dtype=dtype)
         return self._scratch
+
+    def discard(self) -> None:
+        pass
 
     def finish(self) -> None:
         pass
@@ -575,23 +586,16 @@ def _check_finite(plan: TensorPlan, base: Checkpoint, b: Tensor, inputs: Sequenc
 def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoint],
                   variants: Sequence[Variant], outs: Sequence[Tensor], device: torch.device,
                   diagnostics: bool, allow_nonfinite: bool = False) -> None:
-    """Merge one tensor for every variant into ``outs`` (one per variant)."""
+    """Merge one tensor for every variant into ``outs`` (one per variant).
+
+    Floating inputs are checked for NaN/Inf where every variant streams by the kernel, on the
+    float32 copies it makes anyway (see stream_merge: cheaper than a pass of its own over bf16
+    inputs), else here; a failed check is followed by exact counts here, which name the file.
+    """
     b = base.get(plan.name)
     rows = b.shape[0] if plan.base_rows is not None else None
     xs = [ck.get(source) for ck, source in zip(inputs, plan.sources, strict=True)]
-    if b.is_floating_point() and not _check_finite(plan, base, b, inputs, xs, allow_nonfinite):
-        diagnostics = False  # NaN counts and ratios would mean nothing
-    if rows is not None:
-        # Rows beyond the base come from the model that has them; the rest merge as usual.
-        extra = xs[plan.extender][rows:]
-        for out in outs:
-            out[rows:].copy_(extra)
-        xs = [x[:rows] for x in xs]
-        outs = [out[:rows] for out in outs]
-    if not b.is_floating_point():
-        for out in outs:
-            out.copy_(b)
-        return
+    floating = b.is_floating_point()
     groups: dict[tuple, list[int]] = {}
     fallback: list[int] = []
     for j, v in enumerate(variants):
@@ -602,20 +606,44 @@ def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoin
             key = (splan.key, v.task_index, tuple(v.ct_indices), v.diag_density)
             groups.setdefault(key, []).append(j)
             variants[j]._splan = splan  # type: ignore[attr-defined]
+    # The kernel sees only the rows it merges, and refuses what allow_nonfinite lets through.
+    in_kernel = floating and not fallback and rows is None and not allow_nonfinite
+    if floating and not in_kernel and not _check_finite(plan, base, b, inputs, xs,
+                                                        allow_nonfinite):
+        diagnostics = False  # NaN counts and ratios would mean nothing
+    if rows is not None:
+        # Rows beyond the base come from the model that has them; the rest merge as usual.
+        extra = xs[plan.extender][rows:]
+        for out in outs:
+            out[rows:].copy_(extra)
+        xs = [x[:rows] for x in xs]
+        outs = [out[:rows] for out in outs]
+    if not floating:
+        for out in outs:
+            out.copy_(b)
+        return
     flat_b = b.reshape(-1)
     flat_xs = [x.reshape(-1) for x in xs]
-    for members in groups.values():
-        first = variants[members[0]]
-        want = diagnostics and first.task_index is not None
-        counts = stream_merge(
-            first._splan,  # type: ignore[attr-defined]
-            flat_b, flat_xs, [outs[j].reshape(-1) for j in members],
-            [variants[j].params.get("lambda", 1.0) for j in members],
-            diag_ct=first.ct_indices, diag_task=first.task_index if want else None,
-            device=device)
-        if counts is not None:
-            for j, count in zip(members, counts, strict=True):
-                variants[j].counts[plan.name] = count
+
+    def stream(check: bool) -> None:
+        for number, members in enumerate(groups.values()):
+            first = variants[members[0]]
+            want = diagnostics and first.task_index is not None
+            counts = stream_merge(
+                first._splan,  # type: ignore[attr-defined]
+                flat_b, flat_xs, [outs[j].reshape(-1) for j in members],
+                [variants[j].params.get("lambda", 1.0) for j in members],
+                diag_ct=first.ct_indices, diag_task=first.task_index if want else None,
+                device=device, require_finite=check and number == 0)
+            if counts is not None:
+                for j, count in zip(members, counts, strict=True):
+                    variants[j].counts[plan.name] = count
+
+    try:
+        stream(in_kernel)
+    except NonFiniteInput:
+        _check_finite(plan, base, b, inputs, xs, allow_nonfinite=False)  # names the file
+        stream(False)  # all finite after all: finite values overflowed a float32 sum
     if not fallback:
         return
     # Reference path: whole float32 tensors on the device.
@@ -737,9 +765,12 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
                    else [DiscardSink(layout)] * len(tmps))  # one shared scratch buffer
         try:
             _run(variants, base, inputs, plans, writers, device, diagnostics, allow_nonfinite)
-        finally:
+        except BaseException:
             for writer in writers:
-                writer.finish()
+                writer.discard()
+            raise
+        for writer in writers:
+            writer.finish()
         config = _output_config(base, inputs, extender)
         for tmp, v in zip(tmps, variants, strict=True):
             if weights:

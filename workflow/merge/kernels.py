@@ -407,6 +407,11 @@ class _Buffers:
         self.protect = flag()
 
 
+class NonFiniteInput(ValueError):
+    """``stream_merge(require_finite=True)`` read a NaN or Inf in the base or a tensor; the
+    caller, which knows the files, finds out which."""
+
+
 # Per-chunk diagnostic sums: both_nonzero, conflicts, sft_nonzero, touched, topk_mass, then per
 # lambda sign (-1, 0, 1 as present): sft kept count, top-k mass kept, trimmed.
 _FIXED = 5
@@ -423,12 +428,15 @@ def stream_merge(
     diag_task: int | None = None,
     device: torch.device | str = "cpu",
     chunk: int | None = None,
+    require_finite: bool = False,
 ) -> list[DiagnosticCounts] | None:
     """Merge flat ``tensors`` onto flat ``base`` into each ``outs[j]`` with scale ``lams[j]``.
 
     With ``diag_task`` (the SFT model's index; ``diag_ct`` the CT models') it also returns the
     diagnostic counts per output, as :func:`~workflow.merge.methods.delta_diagnostics` defines
-    them on the merged delta before the cast.
+    them on the merged delta before the cast. With ``require_finite`` it raises
+    :class:`NonFiniteInput` once every chunk is done (``outs`` then hold garbage) if the base or
+    a tensor held NaN or Inf, or values whose float32 sums overflow.
     """
     device = torch.device(device)
     n = base.numel()
@@ -464,7 +472,7 @@ def stream_merge(
     floor = float(torch.tensor(min(plan.weights) / 2, dtype=torch.float32)) \
         if positive_weights else 0.0
 
-    def work(start: int) -> list[float] | None:
+    def work(start: int) -> tuple[list[float] | None, bool]:
         end = min(n, start + chunk)
         c = end - start
         buf = _scratch(("merge", m, chunk, device), lambda: _Buffers(m, chunk, device))
@@ -476,6 +484,15 @@ def stream_merge(
                 vs[i].copy_(x)
             else:
                 torch.sub(x, b, out=vs[i])
+        finite = True
+        if require_finite:
+            # NaN and Inf survive a sum (x - b is finite only where both are): one sum per
+            # float32 copy, in cache, cost 1-8% of a linear or task arithmetic merge, a
+            # separate pass over bf16 inputs ~15%.
+            total = float(b.sum())
+            for v in vs:
+                total += float(v.sum())
+            finite = math.isfinite(total)
         sums: list[float] | None = None
         if diag_task is not None:
             sums, raw = _diag_before(plan, vs, b, diag_ct, diag_task, buf, c)
@@ -557,13 +574,16 @@ def stream_merge(
                 torch.add(b, scaled, out=target)
             else:
                 target.copy_(torch.add(b, scaled, out=buf.tmp[:c]))
-        return sums
+        return sums, finite
 
     per_chunk = _map(work, range(0, n, chunk), device)
+    # Raised here, not in a worker: no chunk is still writing into ``outs`` afterwards.
+    if not all(finite for _, finite in per_chunk):
+        raise NonFiniteInput("the base or a merged tensor holds NaN or Inf")
     if diag_task is None:
         return None
     totals = [0.0] * (_FIXED + 3 * len(signs))
-    for sums in per_chunk:  # chunk order: the same sums whatever the threads did
+    for sums, _ in per_chunk:  # chunk order: the same sums whatever the threads did
         for j, value in enumerate(sums):
             totals[j] += value
     both, conflicts, nonzero, touched, top_mass = totals[:_FIXED]

@@ -32,10 +32,11 @@ Differences from mergekit, all deliberate:
 - slerp interpolates the two models of the recipe (the base is then only the layout reference);
   given a single model it interpolates base to model, as mergekit does.
 - Non-finite inputs (the engine refuses them unless ``allow_nonfinite``): top-k selections rank
-  NaN below every number, and a mask cannot remove a NaN (NaN * 0 is NaN), so each NaN or Inf
-  input entry gives a non-finite merged entry while the rest of the tensor merges as if it were
-  not there (its place in a top-k goes to a number). Methods that take whole-tensor norms or
-  sums (slerp, model_stock, DARE and DELLA with ``rescale``) give an all-NaN tensor instead.
+  NaN below every number (it takes none of the k places; Inf, the largest magnitude, takes
+  one), and a mask cannot remove a non-finite entry (NaN * 0 and Inf * 0 are NaN), so each NaN
+  or Inf input entry gives a non-finite merged entry and the other entries merge as usual.
+  Methods that take whole-tensor norms or sums (slerp, model_stock, DARE and DELLA with
+  ``rescale``) give an all-NaN tensor instead.
 
 Also here: per-tensor merge diagnostics (:func:`delta_diagnostics`), pure functions as well.
 """
