@@ -129,6 +129,9 @@ def atomic_dir(final: str | Path, manifest: bool = True) -> Iterator[Path]:
         yield tmp
         _normalize_modes(tmp)
         if manifest:
+            if (tmp / MANIFEST_FILE).exists():  # a stage's own file would be overwritten
+                raise FileExistsError(f"{final}: the stage wrote a {MANIFEST_FILE} of its own; "
+                                      "pass manifest=False to atomic_dir")
             write_manifest(tmp)
         _prepare_destination(final)
         os.replace(tmp, final)

@@ -426,7 +426,8 @@ def build(
     }
     manifest: dict[str, Any] = {"params": params, "languages": {}}
     recipe = {"stage": STAGE, "version": VERSION, "params": params, "inputs": {}}
-    with atomic_dir(out) as tmp:
+    # The corpus writes its own manifest.json (languages, sizes): no integrity manifest here.
+    with atomic_dir(out, manifest=False) as tmp:
         for lang in langs:
             english = None if lang == ENGLISH else pages[ENGLISH]
             records, stats = build_records(pages[lang], english)

@@ -1,6 +1,10 @@
 """Planning benchmark: what a dry run of this workflow costs per job, against bare Snakemake.
 
-``python -m workflow.plan_benchmark [--sizes 1000 5000 16000] [--repeat 1]``
+``python -m workflow.plan_benchmark [--sizes 1000 5000 16000] [--repeat 1] [--stat min|median]
+[--project DIR [DIR ...]] [--keep DIR]``
+
+Several ``--project`` directories (e.g. a copy of the project with a fix, and the original)
+are timed in the same run, interleaved, each against the same bare workflow.
 
 For each size N it writes, into a temporary directory,
 
@@ -26,8 +30,10 @@ does for every user.
 The first dry run of our workflow in a fresh directory hashes the corpora (cached afterwards in
 D/.cache); so each workflow gets one untimed warm-up dry run (``--quiet rules``, which prints
 the "Job stats" table the job counts are read from) and the second, timed run is the plain
-``--quiet`` one. Runs are interleaved (ours, bare; the order alternates per repeat) because
-these machines are noisy; with ``--repeat`` > 1 the table shows the fastest run of each.
+``--quiet`` one. Runs are interleaved (ours, bare, ...; the order reverses every repeat)
+because these machines are noisy; with ``--repeat`` > 1 the table shows the fastest run of
+each (``--stat median``: the median). Each run is timed by wall clock and by CPU time (user +
+sys of the dry run's processes): on a shared machine the CPU times are the ones to compare.
 
 Start-up: a dry run of a 1-job bare Snakefile (Snakemake alone), and a dry run of our workflow
 on its smallest config (one language, one budget, one merge: 17 jobs; it includes parsing
@@ -44,6 +50,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -270,19 +277,28 @@ class Case:
         self.cpu_times.append(cpu)
         return seconds, cpu
 
-    def best(self, cpu: bool = False) -> float:
-        return min(self.cpu_times if cpu else self.times)
+    def best(self, cpu: bool = False, stat: str = "min") -> float:
+        values = self.cpu_times if cpu else self.times
+        return min(values) if stat == "min" else statistics.median(values)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 16000])
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per case (min shown)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per case")
+    parser.add_argument(
+        "--stat",
+        choices=["min", "median"],
+        default="min",
+        help="how the timed runs of a case are summarised (default: the fastest)",
+    )
     parser.add_argument(
         "--project",
         type=Path,
-        default=PROJECT_DIR,
-        help="project whose Snakefile is measured (default: this one)",
+        nargs="+",
+        default=[PROJECT_DIR],
+        help="project(s) whose Snakefile is measured (default: this one); several are timed "
+        "in the same run, interleaved, e.g. a copy with a fix against the original",
     )
     parser.add_argument(
         "--keep",
@@ -290,10 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="write the cases here and keep them (default: a temp dir)",
     )
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
 
-    project = args.project.resolve()
-    ours_snakefile = project / "Snakefile"
+    projects = [project.resolve() for project in args.project]
     root = args.keep or Path(tempfile.mkdtemp(prefix="plan-benchmark-"))
     root.mkdir(parents=True, exist_ok=True)
     version = subprocess.run(
@@ -301,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     print(f"snakemake {version}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
-    print(f"ours: {ours_snakefile}; cases in {root}")
+    for index, project in enumerate(projects):
+        print(f"ours{_suffix(index, projects)}: {project / 'Snakefile'}")
+    print(f"cases in {root}")
     print("each case: one untimed warm-up dry run (hashes the corpora into .cache, counts the")
     print("jobs from its 'Job stats'), then timed dry runs, interleaved ours/bare")
     print(f"command: {' '.join(snakemake_cmd(Path('SNAKEFILE'), Path('DIR'), []))}")
@@ -309,28 +326,37 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         startup_bare = Case(root, "startup-bare", None, bare_snakefile(None), None)
-        startup_ours = Case(root, "startup-ours", ours_snakefile, None, our_config(project, None))
-        pairs = []
+        startups = [
+            Case(root, f"startup-ours{_suffix(i, projects)}", project / "Snakefile", None,
+                 our_config(project, None))
+            for i, project in enumerate(projects)
+        ]  # fmt: skip
+        rows = []  # (size, n_langs, [ours per project], bare)
         for size in args.sizes:
             n_langs = languages_for(size)
-            ours = Case(root, f"ours-{size}", ours_snakefile, None, our_config(project, n_langs))
+            ours = [
+                Case(root, f"ours{_suffix(i, projects)}-{size}", project / "Snakefile", None,
+                     our_config(project, n_langs))
+                for i, project in enumerate(projects)
+            ]  # fmt: skip
             bare = Case(root, f"bare-{size}", None, bare_snakefile(n_langs), None)
-            pairs.append((size, n_langs, ours, bare))
-        for case in (startup_bare, startup_ours):
+            rows.append((size, n_langs, ours, bare))
+        for case in (startup_bare, *startups):
             case.warm_up()
-        for size, n_langs, ours, bare in pairs:
-            ours.warm_up()
-            bare.warm_up()
-            print(f"size {size}: {n_langs} languages, jobs ours {ours.jobs}, bare {bare.jobs}")
+        for size, n_langs, ours, bare in rows:
+            for case in (*ours, bare):
+                case.warm_up()
+            counts = ", ".join(f"{case.dir.name} {case.jobs}" for case in (*ours, bare))
+            print(f"size {size}: {n_langs} languages; jobs: {counts}")
             sys.stdout.flush()
         for rep in range(args.repeat):
-            order = [startup_bare, startup_ours]
-            for _, _, ours, bare in pairs:
-                order += [ours, bare] if rep % 2 == 0 else [bare, ours]
-            for case in order:
+            order = [startup_bare, *startups]
+            for _, _, ours, bare in rows:
+                order += [*ours, bare]
+            for case in order if rep % 2 == 0 else order[::-1]:
                 seconds, cpu = case.time()
                 load = os.getloadavg()[0]
-                print(f"  run {rep + 1}: {case.dir.name:14s} {seconds:7.2f} s wall "
+                print(f"  run {rep + 1}: {case.dir.name:16s} {seconds:7.2f} s wall "
                       f"{cpu:7.2f} s cpu (load {load:.1f})")  # fmt: skip
                 sys.stdout.flush()
     finally:
@@ -338,22 +364,30 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     print()
-    print("timed: the second dry run (--quiet) of each case; fastest of", args.repeat, "run(s)")
+    print(f"timed: the second and later dry runs (--quiet) of each case; {args.stat} of "
+          f"{args.repeat} run(s)")  # fmt: skip
     for cpu in (False, True):
-        table(pairs, startup_bare, startup_ours, cpu)
+        for index in range(len(projects)):
+            pairs = [(size, ours[index], bare) for size, _, ours, bare in rows]
+            label = f"ours{_suffix(index, projects)}"
+            table(label, pairs, startup_bare, startups[index], cpu, args.stat)
     print("ratio = (s ours / jobs ours) / (s bare / jobs bare); '-sm start' subtracts the bare")
     print("1-job dry run from both; '-own start' subtracts ours' smallest config from ours and")
     print("the bare 1-job run from bare. cpu = user + sys seconds of the dry run's processes,")
     print("less sensitive than wall clock to other load on the machine.")
 
 
-def table(pairs: list[tuple[int, int, Case, Case]], startup_bare: Case, startup_ours: Case,
-          cpu: bool) -> None:  # fmt: skip
+def _suffix(index: int, projects: list[Path]) -> str:
+    return "" if len(projects) == 1 else f"#{index + 1}"
+
+
+def table(label: str, pairs: list[tuple[int, Case, Case]], startup_bare: Case,
+          startup_ours: Case, cpu: bool, stat: str) -> None:  # fmt: skip
     kind = "cpu" if cpu else "wall"
-    s_bare, s_ours = startup_bare.best(cpu), startup_ours.best(cpu)
+    s_bare, s_ours = startup_bare.best(cpu, stat), startup_ours.best(cpu, stat)
     print()
-    print(f"{kind} seconds; start-up: bare 1-job {s_bare:.2f} s, ours smallest config "
-          f"({startup_ours.jobs} jobs) {s_ours:.2f} s")  # fmt: skip
+    print(f"{label}, {kind} seconds; start-up: bare 1-job {s_bare:.2f} s, ours smallest "
+          f"config ({startup_ours.jobs} jobs) {s_ours:.2f} s")  # fmt: skip
     header = (
         f"| size | jobs ours | jobs bare | s ours ({kind}) | s bare ({kind}) | ms/job ours "
         "| ms/job bare | ratio | ratio -sm start | ratio -own start |"
@@ -361,8 +395,8 @@ def table(pairs: list[tuple[int, int, Case, Case]], startup_bare: Case, startup_
     print()
     print(header)
     print("|" + "---|" * 10)
-    for size, _, ours, bare in pairs:
-        t_ours, t_bare = ours.best(cpu), bare.best(cpu)
+    for size, ours, bare in pairs:
+        t_ours, t_bare = ours.best(cpu, stat), bare.best(cpu, stat)
         per_ours = t_ours / ours.jobs
         per_bare = t_bare / bare.jobs
         net_sm = ((t_ours - s_bare) / ours.jobs) / ((t_bare - s_bare) / bare.jobs)
