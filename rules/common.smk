@@ -5,6 +5,7 @@ import os
 import shlex
 import sys
 
+from snakemake.common import get_function_params, overwrite_function_params
 from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, workflow.basedir)
@@ -119,6 +120,13 @@ def _flat_inputs(artifact):
     return flat
 
 
+def _signed(func):
+    """Snakemake inspects an input or params function's signature each time it calls it (many
+    times per job): hand it the parameters, computed once."""
+    overwrite_function_params(func, get_function_params(func))
+    return func
+
+
 def get_inputs(rule_name):
     """Input function. A finished artifact needs nothing: its digest already says what it was
     built from, so neither an input's mtime nor its path can make Snakemake rebuild (and so
@@ -135,7 +143,7 @@ def get_inputs(rule_name):
             raise WorkflowError(str(error)) from None
         return {}
 
-    return inputs
+    return _signed(inputs)
 
 
 def _paths(value):
@@ -180,7 +188,7 @@ def stage_command(rule_name):
         env = f"{JOB_ENV} OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         return " ".join([env, *map(shlex.quote, [*launch, "--", *run])])
 
-    return command
+    return _signed(command)
 
 
 def get_resource(stage, key):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,13 @@ class Artifact:
     subject: dict[str, Any] | None = None  # readable model metadata, for evaluated models
     cli: dict[str, Any] | None = None  # the stage's path flags, when they differ from inputs
 
-    @property
+    # Computed once per artifact (a frozen dataclass may cache into its __dict__; recipes are
+    # never changed after _make): planning asks for a digest several times per job.
+    @cached_property
     def digest(self) -> str:
         return digest_of(self.recipe)
 
-    @property
+    @cached_property
     def recipe_json(self) -> str:
         return json.dumps(self.recipe, sort_keys=True, separators=(",", ":"))
 
@@ -175,6 +178,8 @@ class Plan:
         self.workdir = Path(workdir)
         self.hashes = HashCache(self.workdir / ".cache" / "lrmerge" / "file-hashes.json")
         self.by_key: dict[tuple[str, str], Artifact] = {}
+        self._corpus_refs: dict[str, tuple[dict[str, Any], Path]] = {}
+        self._evalsets: dict[str, Artifact] = {}
         self.evaluations: list[Artifact] = []
         self.trained: list[Artifact] = []
         self.merged: list[str] = []  # merge directories with diagnostics.json (report input)
@@ -192,8 +197,11 @@ class Plan:
         if recipe["stage"] != stage.stage:
             raise ValueError(f"rule {rule} writes {stage.stage} recipes, not {recipe['stage']}")
         recipe = {"stage": stage.stage, "version": stage.version, **recipe}
-        path = PATTERNS[rule].format(digest=digest_of(recipe), **wildcards)
-        return Artifact(rule=rule, path=path, recipe=recipe, inputs=inputs)
+        digest = digest_of(recipe)
+        path = PATTERNS[rule].format(digest=digest, **wildcards)
+        artifact = Artifact(rule=rule, path=path, recipe=recipe, inputs=inputs)
+        artifact.__dict__["digest"] = digest  # the cached property, already known
+        return artifact
 
     def _register(self, artifact: Artifact) -> Artifact:
         return self.by_key.setdefault((artifact.rule, artifact.digest), artifact)
@@ -215,6 +223,12 @@ class Plan:
             raise KeyError(f"no {rule} artifact with digest {digest} in this config") from None
 
     def corpus_ref(self, name: str) -> tuple[dict[str, Any], Path]:
+        """A corpus's recipe entry and path, resolved and hashed once per plan."""
+        if name not in self._corpus_refs:
+            self._corpus_refs[name] = self._corpus_ref(name)
+        return self._corpus_refs[name]
+
+    def _corpus_ref(self, name: str) -> tuple[dict[str, Any], Path]:
         spec = self.config["corpora"][name]
         path = resolve_path(spec["path"], self.workdir)
         ref = {
@@ -238,6 +252,12 @@ class Plan:
         return self._add("prepare", recipe, inputs, model=self.name, corpus=corpus, tokens=tokens)
 
     def _evalset(self, corpus: str) -> Artifact:
+        """One per corpus, however many evaluations use it."""
+        if corpus not in self._evalsets:
+            self._evalsets[corpus] = self._new_evalset(corpus)
+        return self._evalsets[corpus]
+
+    def _new_evalset(self, corpus: str) -> Artifact:
         ref, path = self.corpus_ref(corpus)
         evaluation = self.config["evaluation"]
         recipe = {

@@ -49,11 +49,26 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+
+    class _LazyTorch:
+        """torch, imported on first use: planning and config validation use only the registry
+        (no tensors), and importing torch would add ~1.3 s to every Snakemake start-up."""
+
+        def __getattr__(self, name: str) -> Any:
+            import torch as module
+
+            globals()["torch"] = module
+            return getattr(module, name)
+
+    torch = _LazyTorch()
 
 # --------------------------------------------------------------------------------------------
 # Kernels
