@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_merge_engine import ALL as ALL_METHOD_PARAMS
 
 from workflow.artifacts import read_json
 from workflow.merge.engine import (
@@ -93,21 +94,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-# Every registered method with parameters that make it trim, vote and rescale.
-PARAMS = {
-    "linear": ({}, {}, {}),
-    "task_arithmetic": ({"lambda": 0.9}, {}, {}),
-    "ties": ({}, {"density": 0.5}, {"density": 0.5}),
-    "ties_sv": ({"slack": 0.2}, {"density": 0.5}, {"density": 0.5}),
-    "dare_ties": ({"seed": 3}, {"density": 0.5}, {"density": 0.5}),
-    "dare_linear": ({}, {"density": 0.5}, {"density": 0.7}),
-    "breadcrumbs": ({}, {"density": 0.5}, {"density": 0.5}),
-    "breadcrumbs_ties": ({}, {"density": 0.5}, {"density": 0.5, "gamma": 0.05}),
-    "della": ({}, {"density": 0.5}, {"density": 0.5}),
-    "della_linear": ({}, {"density": 0.5, "epsilon": 0.1}, {"density": 0.5}),
-    "slerp": ({"t": 0.4}, {}, {}),
-    "model_stock": ({}, {}, {}),
-}
+# Every registered method with parameters that make it trim, vote and rescale (one table for
+# the engine tests and these).
+PARAMS = ALL_METHOD_PARAMS
 # Methods whose non-finite outputs are exactly the non-finite input entries; the others take
 # whole-tensor norms or sums (slerp, model_stock, L1 rescaling): one NaN spoils the tensor.
 ENTRYWISE = {"linear", "task_arithmetic", "ties", "ties_sv", "breadcrumbs", "breadcrumbs_ties"}
