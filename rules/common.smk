@@ -166,27 +166,38 @@ def _stage_args(artifact):
     return parts
 
 
+def stage_shell(stage):
+    """The job's shell line: the launcher with the job's threads and GPU count, then the
+    stage's command from the plan (params.command). Threads and resources stay in this
+    template: a params function that takes them makes Snakemake expand every job's resources,
+    even in a dry run (params are evaluated for every job, to find its conda env)."""
+    env = JOB_ENV.replace("{", "{{").replace("}", "}}")
+    nproc = " --nproc 1" if stage.processes == "one" else ""
+    threads = " --threads {threads}" if stage.threads_flag else ""
+    return (
+        f"{env} OMP_NUM_THREADS={{threads}} MKL_NUM_THREADS={{threads}} {PY} -m workflow.launch"
+        f" --gpus {{resources.gpu}} --threads {{threads}}{nproc} {{params.command}}{threads}"
+        " > {log} 2>&1"
+    )
+
+
 def stage_command(rule_name):
-    """Params function: the job's whole command line, from the stage table and the plan."""
+    """Params function: the job's launcher flags and stage command, from the stage table and
+    the plan (the rest of the line is stage_shell())."""
     stage = STAGES[rule_name]
 
-    def command(wildcards, threads, resources):
+    def command(wildcards):
         artifact = _artifact(rule_name, wildcards)
-        launch = [PY, "-m", "workflow.launch", "--gpus", str(resources.gpu), "--threads", str(threads)]
-        if stage.processes == "one":
-            launch += ["--nproc", "1"]
+        launch = []
         if config["integrity"]["verify_inputs"] and stage.verify_inputs:
             verified = [path for path in _paths(artifact.inputs) if path.startswith("results/")]
             if verified:
                 launch += ["--verify", *verified]
         run = [*stage.command.split(), *stage.flags.split(), "--recipe", artifact.recipe_json,
                *_stage_args(artifact), "--out", artifact.path]
-        if stage.threads_flag:
-            run += ["--threads", str(threads)]
         if stage.nonfinite_flag and config["integrity"]["allow_nonfinite"]:
             run.append("--allow-nonfinite")
-        env = f"{JOB_ENV} OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-        return " ".join([env, *map(shlex.quote, [*launch, "--", *run])])
+        return " ".join(map(shlex.quote, [*launch, "--", *run]))
 
     return _signed(command)
 
@@ -247,4 +258,4 @@ def stage_rules(*names):
                 gpu=get_resource(stage.resources, "gpu"),
                 **cluster_resources(stage),
             shell:
-                "{params.command} > {log} 2>&1"
+                stage_shell(stage)

@@ -287,10 +287,10 @@ def write_manifest(directory: str | Path) -> dict[str, Any]:
 def is_complete(path: str | Path) -> bool:
     """Whether an artifact is finished: a score file exists, or a directory has its recipe
     (written inside the temporary directory, before the rename that publishes it)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        return path.is_file()
-    return (path / RECIPE_FILE).is_file()
+    path = os.fspath(path)  # called once per job while planning: plain strings, no Path
+    if path.endswith(".json"):
+        return os.path.isfile(path)
+    return os.path.isfile(os.path.join(path, RECIPE_FILE))
 
 
 def check_sizes(directory: str | Path) -> None:
