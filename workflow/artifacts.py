@@ -293,17 +293,19 @@ def is_complete(path: str | Path) -> bool:
     return os.path.isfile(os.path.join(path, RECIPE_FILE))
 
 
-def check_sizes(directory: str | Path) -> None:
-    """The cheap half of :func:`verify_artifact`: every file of the manifest exists with its
-    recorded size (a ``stat`` each; planning runs this on finished artifacts)."""
-    directory = Path(directory)
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The ``files`` of an artifact's manifest; None without one (or for a single file)."""
     manifest_path = directory / MANIFEST_FILE
     try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        return json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
     except (FileNotFoundError, NotADirectoryError):  # no manifest, or a single-file artifact
-        return
+        return None
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise IntegrityError(f"{manifest_path} is not a valid manifest ({error})") from None
+
+
+def _check_sizes(directory: Path, files: dict[str, Any]) -> None:
+    manifest_path = directory / MANIFEST_FILE
     for name, expected in files.items():
         path = directory / name
         try:
@@ -317,6 +319,15 @@ def check_sizes(directory: str | Path) -> None:
                                  f"the artifact is damaged: move {directory} away and rerun")
 
 
+def check_sizes(directory: str | Path) -> None:
+    """The cheap half of :func:`verify_artifact`: every file of the manifest exists with its
+    recorded size (a ``stat`` each; planning runs this on finished artifacts)."""
+    directory = Path(directory)
+    files = _read_manifest(directory)
+    if files is not None:
+        _check_sizes(directory, files)
+
+
 def verify_artifact(directory: str | Path, cache: HashCache | None = None) -> int:
     """Check an artifact directory against its manifest; return the number of files checked.
 
@@ -325,22 +336,19 @@ def verify_artifact(directory: str | Path, cache: HashCache | None = None) -> in
     unchecked. Raises IntegrityError naming the first bad file.
     """
     directory = Path(directory)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
+    files = _read_manifest(directory)
+    if files is None:
         if not directory.exists():
             raise IntegrityError(f"input artifact {directory} does not exist")
         return 0
-    try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise IntegrityError(f"{manifest_path} is not a valid manifest ({error})") from None
+    _check_sizes(directory, files)
     cache = cache if cache is not None else HashCache(Path(os.devnull))
-    check_sizes(directory)
     for name, expected in sorted(files.items()):
         path = directory / name
         if cache.sha256(path) != expected["sha256"]:
-            raise IntegrityError(f"{path} does not match the sha256 in {manifest_path}; the "
-                                 f"artifact is damaged: move {directory} away and rerun")
+            raise IntegrityError(f"{path} does not match the sha256 in "
+                                 f"{directory / MANIFEST_FILE}; the artifact is damaged: move "
+                                 f"{directory} away and rerun")
     return len(files)
 
 
