@@ -6,6 +6,7 @@ import gzip
 import json
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,13 @@ from workflow.demo_corpus import (
     page_split,
     page_topic,
     read_pages,
+    topic_instructions,
 )
-from workflow.prompts import TOPICS
+from workflow.instructions import load_conversations
+from workflow.prompts import TOPICS, topic_example
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "libreoffice-help"
+INSTRUCTIONS = DATA.parent / "topic-instructions"
 
 LONG_EN = "This sentence is long enough to pass the forty character filter."
 LONG_EU = "Esaldi hau nahikoa luzea da berrogei karaktereko iragazkia gainditzeko."
@@ -239,6 +243,20 @@ def test_cli_builds_reproducible_corpus_from_debs(tmp_path: Path) -> None:
     with pytest.raises(DemoCorpusError, match="libreoffice-help-en-us .deb at version 9:9"):
         main([*args, "--force", "--version", "9:9"])
 
+    # The demo's SFT data: written with the corpus, or later from it, byte for byte the same.
+    main([*args, "--force", "--instructions", str(tmp_path / "sft")])
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == [
+        "NOTICE", "en.jsonl.gz", "manifest.json", "recipe.json"]
+    first = (tmp_path / "sft" / "en.jsonl.gz").read_bytes()
+    main(["--instructions", str(tmp_path / "again"), "--from-corpus", str(out)])
+    assert (tmp_path / "again" / "en.jsonl.gz").read_bytes() == first
+    with pytest.raises(DemoCorpusError, match="--force"):
+        main(["--instructions", str(tmp_path / "again"), "--from-corpus", str(out)])
+    records = [json.loads(line) for line in gzip.decompress(first).decode().splitlines()]
+    english = [json.loads(line) for line in gzip.decompress(
+        (out / "en.jsonl.gz").read_bytes()).decode().splitlines()]
+    assert len(records) == sum(record["split"] == "train" for record in english)
+
 
 # --------------------------------------------------------------------------- committed data
 
@@ -302,3 +320,47 @@ def test_committed_sizes_are_plausible(committed: dict[str, list[dict]]) -> None
         assert 0.06 < test_share < 0.2, lang
     total = sum(path.stat().st_size for path in DATA.iterdir())
     assert total < 15_000_000
+
+
+# --------------------------------------------------------------------------- SFT data
+
+
+def test_topic_instructions_are_balanced_in_file_order() -> None:
+    records = [{"id": f"t{i}", "text": f"t{i}", "split": "train", "topic": "scalc"}
+               for i in range(50)]
+    records += [{"id": f"w{i}", "text": f"w{i}", "split": "train", "topic": "swriter"}
+                for i in range(3)]
+    records += [{"id": "h", "text": "held out", "split": "test", "topic": "sdraw"}]
+    ordered = topic_instructions(records, seed=7)
+    assert len(ordered) == 53  # every training paragraph, none held out
+    first = [record["topic"] for record in ordered[:20]]
+    assert first.count("swriter") == 3 and first.count("scalc") == 17  # all swriter has
+    assert [record["topic"] for record in ordered[:6]] == ["scalc", "swriter"] * 3
+    assert ordered == topic_instructions(records, seed=7) != topic_instructions(records, seed=8)
+    assert ordered[0] == {"id": ordered[0]["id"], "topic": "scalc",
+                          **topic_example(ordered[0]["id"], "scalc")}
+    with pytest.raises(ValueError, match="'smurf'"):
+        topic_instructions([{"id": "x", "text": "x", "split": "train", "topic": "smurf"}])
+
+
+def test_committed_instructions_match_the_corpus_and_load_as_sft_data() -> None:
+    manifest = read_json(INSTRUCTIONS / "manifest.json")
+    assert manifest["corpus"]["sha256"] == sha256_file(DATA / "en.jsonl.gz")
+    assert manifest["file_sha256"] == sha256_file(INSTRUCTIONS / "en.jsonl.gz")
+    english = {r["id"]: r for r in raw_records("en")}
+    with gzip.open(INSTRUCTIONS / "en.jsonl.gz", "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    assert manifest["examples"] == len(records) == sum(
+        r["split"] == "train" for r in english.values())
+    for record in records[:500]:
+        source = english[record["id"]]
+        assert {k: record[k] for k in ("prompt", "response")} == topic_example(
+            source["text"], source["topic"])
+    # Balanced at the front: 2000 (the default sft.examples) are 9 topics x 222 or so.
+    counts = Counter(record["topic"] for record in records[:2000])
+    assert set(counts) == set(TOPICS) and max(counts.values()) - min(counts.values()) <= 1
+    spec = {"path": str(INSTRUCTIONS / "en.jsonl.gz"), "hub": None, "format": "auto",
+            "prompt_field": "prompt", "response_field": "response",
+            "messages_field": "messages", "separator": ""}
+    conversations, _ = load_conversations(spec, INSTRUCTIONS / "en.jsonl.gz", 3, "first", 0)
+    assert conversations[0][1] == {"role": "assistant", "content": records[0]["response"]}

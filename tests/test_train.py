@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, set_seed
 
 from workflow import models, train
-from workflow.artifacts import read_json
+from workflow.artifacts import read_json, sha256_file
 from workflow.data import replay_tokens_for
-from workflow.prompts import TOPIC_LABELS, topic_answer
+from workflow.instructions import Encoder
+from workflow.prompts import topic_answer, topic_example
 
 SEQ_LEN = 32
 WORDS = {
@@ -62,6 +63,28 @@ def write_tokens(directory: Path, corpus: Path, tokenizer, budget: int) -> Path:
     directory.mkdir(parents=True)
     np.save(directory / "tokens.npy", np.asarray(ids[:budget], dtype=np.int32))
     return directory
+
+
+def write_instructions(path: Path, corpus: Path) -> Path:
+    """The corpus's paragraphs as topic instructions, as the demo builder writes them."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for line in corpus.read_text().splitlines():
+            record = json.loads(line)
+            handle.write(json.dumps(topic_example(record["text"], record["topic"])) + "\n")
+    return path
+
+
+def topic_dataset(tokenizer, corpus: Path, n: int) -> list[dict]:
+    """The first ``n`` topic examples of a corpus, encoded as the SFT stage encodes them."""
+    encoder = Encoder(tokenizer, SEQ_LEN, chat_template=False)
+    records = [json.loads(line) for line in corpus.read_text().splitlines()[:n]]
+    return [encoder.encode(topic_messages(r["text"], r["topic"])) for r in records]
+
+
+def topic_messages(text: str, topic: str) -> list[dict]:
+    example = topic_example(text, topic)
+    return [{"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["response"]}]
 
 
 def recipe(stage: str, **params) -> dict:
@@ -143,7 +166,12 @@ def chain(tmp_path_factory) -> dict:
         ]
     )
     sft = root / "sft"
-    sft_recipe = recipe("sft", examples=60, train={**TRAIN, "lr": 5e-3, "epochs": 2})
+    instructions = write_instructions(root / "en-topic.jsonl", en)
+    sft_recipe = {
+        **recipe("sft", examples=60, select="first", chat_template="auto", data={},
+                 train={**TRAIN, "lr": 5e-3, "epochs": 2}),
+        "dataset": {"sha256": sha256_file(instructions)},
+    }
     train.main(
         [
             "sft",
@@ -151,8 +179,8 @@ def chain(tmp_path_factory) -> dict:
             json.dumps(sft_recipe),
             "--model",
             str(ct),
-            "--corpus",
-            str(en),
+            "--dataset",
+            str(instructions),
             "--out",
             str(sft),
             "--threads",
@@ -264,20 +292,20 @@ def test_ct_lowers_loss_on_its_data(chain):
 
 
 def test_sft_lowers_answer_loss(chain):
-    tokenizer = chain["tokenizer"]
-    lines = [json.loads(line) for line in chain["en"].read_text().splitlines()]
-    data = [train.build_sft_example(tokenizer, r["text"], r["topic"], SEQ_LEN) for r in lines[:60]]
+    data = topic_dataset(chain["tokenizer"], chain["en"], 60)
     assert mean_loss(chain["sft"], data) < mean_loss(chain["ct"], data) - 0.5
     metrics = read_json(chain["sft"] / "metrics.json")
-    assert metrics["examples"] == 60
-    assert metrics["examples_per_topic"] == {"scalc": 20, "sdraw": 20, "swriter": 20}
+    assert metrics["examples"] == 60 and metrics["examples_dropped"] == 0
+    assert metrics["chat_template"] is False  # the scratch tokenizer has none: plain format
+    assert metrics["tokens_budget"] == train.count_targets(data)
     assert metrics["tokens_trained"] == 2 * metrics["tokens_budget"]
 
 
 def test_sft_example_masks_prompt_and_keeps_answer(chain):
     tokenizer = chain["tokenizer"]
+    encoder = Encoder(tokenizer, SEQ_LEN, chat_template=False)
     long_text = " ".join(["formula cell value"] * 40)
-    example = train.build_sft_example(tokenizer, long_text, "scalc", SEQ_LEN)
+    example = encoder.encode(topic_messages(long_text, "scalc"))
     ids, labels = example["input_ids"], example["labels"]
     assert len(ids) == len(labels) == SEQ_LEN  # truncated to fit
     answer = [label for label in labels if label != -100]
@@ -287,25 +315,18 @@ def test_sft_example_masks_prompt_and_keeps_answer(chain):
     assert labels[:n_prompt] == [-100] * n_prompt and ids[n_prompt:] == answer
     # Left truncation keeps the cue next to the answer.
     assert tokenizer.decode(ids[:n_prompt]).endswith("\nTopic:")
-    short = train.build_sft_example(tokenizer, "cell", "swriter", SEQ_LEN)
+    short = encoder.encode(topic_messages("cell", "swriter"))
     assert tokenizer.decode(short["input_ids"]) == "Paragraph: cell\nTopic: text document</s>"
 
 
-def test_sft_selection_is_balanced_and_deterministic():
-    records = [{"text": f"t{i}", "split": "train", "topic": "scalc"} for i in range(50)]
-    records += [{"text": f"w{i}", "split": "train", "topic": "swriter"} for i in range(3)]
-    records += [
-        {"text": "held out", "split": "test", "topic": "sdraw"},
-        {"text": "no topic", "split": "train", "topic": None},
-    ]
-    chosen = train.select_sft_records(records, 20, seed=7)
-    assert [r["topic"] for r in chosen].count("swriter") == 3  # all it has
-    assert [r["topic"] for r in chosen].count("scalc") == 17
-    assert chosen == train.select_sft_records(records, 20, seed=7)
-    assert chosen != train.select_sft_records(records, 20, seed=8)
-    with pytest.raises(ValueError, match="'smurf'"):
-        train.select_sft_records([{"text": "x", "split": "train", "topic": "smurf"}], 1, 0)
-    assert set(TOPIC_LABELS) >= {"scalc", "swriter"}
+def test_sft_rejects_a_dataset_that_changed_after_planning(chain, tmp_path):
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(chain["root"].joinpath("en-topic.jsonl").read_text()[:-200] + "\n")
+    args = ["sft", "--recipe", json.dumps(chain["recipes"]["sft"]), "--model", str(chain["ct"]),
+            "--dataset", str(changed), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="does not have the sha256 the recipe names"):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_train_params_are_named():

@@ -16,6 +16,16 @@ or from .deb files already at hand::
 
 Outputs ``{lang}.jsonl.gz`` (one paragraph per line: id, page, topic, split, text),
 ``manifest.json`` (package versions, .deb hashes, counts), ``NOTICE`` and ``recipe.json``.
+
+The demo's SFT data, the English topic task as an instruction dataset (prompt/response records,
+the prompt and labels of workflow/prompts.py), is written with ``--instructions DIR``: from the
+corpus just built, or with ``--from-corpus`` from one already built::
+
+    python -m workflow.demo_corpus --instructions data/topic-instructions \
+        --from-corpus data/libreoffice-help
+
+Outputs ``en.jsonl.gz`` (id, topic, prompt, response), ``manifest.json`` (counts),
+``NOTICE`` and ``recipe.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 import shutil
 import subprocess
 import tempfile
@@ -39,12 +50,15 @@ from typing import Any
 from tqdm import tqdm
 
 from workflow.artifacts import atomic_dir, sha256_file, write_json, write_recipe
-from workflow.prompts import TOPICS
+from workflow.prompts import TOPICS, topic_example
 
 log = logging.getLogger(__name__)
 
 STAGE = "demo_corpus"
 VERSION = "1"
+INSTRUCTIONS_STAGE = "topic_instructions"
+INSTRUCTIONS_VERSION = "1"
+INSTRUCTIONS_SEED = 0
 # Debian 12 (bookworm) point release that was current when the committed data was built. Point
 # releases replace older ones on the mirrors: pass --version (or --debs) if this one is gone.
 DEBIAN_VERSION = "4:7.4.7-1+deb12u14"
@@ -465,9 +479,89 @@ def build(
     return manifest
 
 
+# --------------------------------------------------------------------------- SFT data
+
+
+def topic_instructions(
+    records: list[dict[str, Any]], seed: int = INSTRUCTIONS_SEED
+) -> list[dict[str, Any]]:
+    """The training paragraphs of one language as topic instructions, in round-robin order
+    over topics (each topic's paragraphs shuffled with ``seed``): the first n records are
+    balanced over topics as far as the smaller topics allow, so ``sft.examples: n`` with
+    ``select: first`` takes a balanced set."""
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record["split"] == "train" and record.get("topic") is not None:
+            by_topic.setdefault(record["topic"], []).append(record)
+    if not by_topic:
+        raise DemoCorpusError("no training paragraphs with a topic to build instructions from")
+    rng = random.Random(seed)
+    pools = [rng.sample(by_topic[topic], len(by_topic[topic])) for topic in sorted(by_topic)]
+    ordered = []
+    for depth in range(max(len(pool) for pool in pools)):
+        ordered += [pool[depth] for pool in pools if depth < len(pool)]
+    return [
+        {"id": record["id"], "topic": record["topic"], **topic_example(record["text"],
+                                                                        record["topic"])}
+        for record in ordered
+    ]
+
+
+def write_instructions(corpus: Path, out: Path, force: bool = False) -> dict[str, Any]:
+    """Write the topic instruction dataset built from ``corpus`` (an English ``.jsonl.gz`` of
+    this builder) to the directory ``out``; returns its manifest."""
+    if not corpus.is_file():
+        raise DemoCorpusError(f"corpus file not found: {corpus}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DemoCorpusError(f"{out} exists and is not empty: pass --force to rebuild it")
+    with gzip.open(corpus, "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    instructions = topic_instructions(records)
+    params = {"seed": INSTRUCTIONS_SEED, "split": "train", "format": "prompt_response"}
+    corpus_hash = sha256_file(corpus)
+    recipe = {
+        "stage": INSTRUCTIONS_STAGE,
+        "version": INSTRUCTIONS_VERSION,
+        "params": params,
+        "inputs": {corpus.name: corpus_hash},
+    }
+    with atomic_dir(out, manifest=False) as tmp:
+        write_jsonl_gz(tmp / "en.jsonl.gz", instructions)
+        manifest = {
+            "params": params,
+            "corpus": {"file": corpus.name, "sha256": corpus_hash},
+            "file": "en.jsonl.gz",
+            "file_sha256": sha256_file(tmp / "en.jsonl.gz"),
+            "examples": len(instructions),
+            "per_topic": dict(sorted(Counter(r["topic"] for r in instructions).items())),
+        }
+        write_json(tmp / "manifest.json", manifest)
+        (tmp / "NOTICE").write_text(
+            "en.jsonl.gz is derived from the English LibreOffice help in ../libreoffice-help "
+            "(see its NOTICE)\nand stays under the Mozilla Public License, v. 2.0: "
+            "https://www.mozilla.org/MPL/2.0/.\n"
+        )
+        write_recipe(tmp, recipe)
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)  # only now, when the new dataset is complete (--force)
+    log.info("%s: %d topic instructions", out, len(instructions))
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--out", type=Path, help="output directory of the corpus")
+    parser.add_argument(
+        "--instructions", type=Path, help="also write the topic instruction dataset here"
+    )
+    parser.add_argument(
+        "--from-corpus",
+        type=Path,
+        help="build only the instructions, from this already built corpus directory",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -480,13 +574,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if (args.out is None) == (args.from_corpus is None):
+        parser.error("give --out (build the corpus) or --from-corpus (use a built one)")
+    if args.from_corpus is not None and args.instructions is None:
+        parser.error("--from-corpus goes with --instructions")
+    if args.instructions is not None:  # fail before the download, not after
+        out = args.instructions
+        if out.exists() and any(out.iterdir()) and not args.force:
+            raise DemoCorpusError(f"{out} exists and is not empty: pass --force to rebuild it")
     langs = tuple(lang.strip() for lang in args.langs.split(",") if lang.strip())
-    if args.workdir is not None:
+    if args.out is not None and args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         build(args.out, args.workdir, args.debs, args.version, langs, args.force)
-    else:
+    elif args.out is not None:
         with tempfile.TemporaryDirectory(prefix="demo-corpus-") as workdir:
             build(args.out, Path(workdir), args.debs, args.version, langs, args.force)
+    if args.instructions is not None:
+        corpus = (args.from_corpus or args.out) / f"{ENGLISH}.jsonl.gz"
+        write_instructions(corpus, args.instructions, args.force)
 
 
 if __name__ == "__main__":

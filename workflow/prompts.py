@@ -1,7 +1,10 @@
-"""The instruction format shared by SFT training data and the lm-eval topic tasks.
+"""The instruction format shared by the demo's SFT data and the lm-eval topic tasks.
 
-Both sides import from here so that the SFT model is evaluated on exactly the prompt it was
-taught; labels stay in English for every language (the cross-lingual transfer under test).
+The demo builder (workflow/demo_corpus.py) writes the topic instruction dataset with
+:func:`topic_example`, and the evaluation's topic task (workflow/tasks/_lrm_topic.yaml,
+checked by workflow/evaluate.py) asks the same prompt with the same labels, so the SFT model is
+evaluated on exactly the prompt it was taught; labels stay in English for every language (the
+cross-lingual transfer under test).
 """
 
 from __future__ import annotations
@@ -29,3 +32,12 @@ def topic_prompt(text: str) -> str:
 
 def topic_answer(topic: str) -> str:
     return " " + TOPIC_LABELS[topic]
+
+
+def topic_example(text: str, topic: str) -> dict[str, str]:
+    """One instruction record of the topic task: the prompt and its answer. Trained in the
+    plain format (no chat template, no separator), the answer's tokens are those lm-eval
+    scores after the prompt."""
+    if topic not in TOPIC_LABELS:
+        raise ValueError(f"unknown topic {topic!r}; known topics: {sorted(TOPIC_LABELS)}")
+    return {"prompt": topic_prompt(text), "response": topic_answer(topic)}

@@ -1,8 +1,9 @@
 """Training stages, all on transformers' Trainer: pretraining from scratch, CT and SFT.
 
     python -m workflow.train pretrain --recipe JSON --tokenizer DIR --data DIR [DIR ...] --out DIR
-    python -m workflow.train ct --recipe JSON --model DIR --data DIR [--replay DIR] --out DIR
-    python -m workflow.train sft --recipe JSON --model DIR --corpus PATH --out DIR
+    python -m workflow.train ct --recipe JSON --model DIR --data DIR [--replay DIR]
+                                [--resume DIR] --out DIR
+    python -m workflow.train sft --recipe JSON --model DIR [--dataset PATH] --out DIR
     (each takes --threads N, and --allow-nonfinite to write weights that hold NaN or Inf)
 
 Several processes (DDP, or FSDP with params.train.fsdp) are started by workflow.launch, which
@@ -38,6 +39,11 @@ stays exact; round(budget * s / (1 - s)) tokens are taken from the front of --re
 tokens.npy (it must hold at least that many) and packed into blocks of their own, which are
 interleaved evenly with the target blocks. Both counts are recorded.
 
+SFT (sft only): recipe["params"] holds examples, select (first | sample), chat_template (auto |
+true | false) and data (how records read), and recipe["dataset"] the data: {"sha256"} of the
+local file given as --dataset (checked), or the hub dataset {hub, revision, subset, data_files,
+split}. Reading, chat templates, response-only labels and truncation: workflow/instructions.py.
+
 Token budgets are exact. tokens.npy is read as one stream (documents already end in EOS) and
 cut into blocks of seq_len tokens that overlap by one token: block k is
 stream[k*(seq_len-1) : k*(seq_len-1)+seq_len]. Because a causal LM predicts token i+1 from
@@ -54,6 +60,16 @@ removed once the artifact is in place. A rerun of a killed job resumes from the 
 checkpoint (one whose marker file was written after the Trainer finished saving it); on CPU the
 result is bit-identical to an uninterrupted run (tests/test_resume.py).
 
+One CT run per language (recipe["params"]["schedule"] = {"mode": "one_run", "steps": S}, with
+params["tokens"] the budget; workflow/ladder.py). The blocks are read in order, unshuffled (with
+replay, interleaved in a fixed order, RunStream), the learning-rate schedule spans S steps
+whatever the budget, and the job stops at its budget, which must end an optimizer step. The
+artifact keeps the final Trainer checkpoint in resume/ (no TrainingArguments pickle) with
+lrmerge-run.json (step, token counts, sha256 of the tokens trained); --resume DIR, the lower
+budget's artifact, continues the run from there instead of the base, after checking that DIR
+is the same run and that its tokens are the start of --data and --replay. metrics.json adds
+tokens_trained_this_job and resumed_from_tokens (tokens_trained counts the whole run so far).
+
 One trainer per work dir: rank 0 holds an exclusive flock on <work dir>/lrmerge.lock for its
 whole life, so a second trainer of the same output fails at once, naming the work dir and the
 holder's pid. Under workflow.launch the trainer also dies with its job (workflow/lifeline.py):
@@ -67,15 +83,18 @@ the checkpoints stay) unless --allow-nonfinite is given.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import hashlib
 import logging
 import math
 import os
-import random
 import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +106,19 @@ from workflow.artifacts import (
     atomic_dir,
     parse_recipe_arg,
     read_json,
+    sha256_file,
     write_json,
     write_recipe,
 )
 from workflow.config import ConfigError, validate_fragment
-from workflow.corpus import read_corpus, split_records
 from workflow.data import replay_tokens_for
-from workflow.prompts import TOPIC_LABELS, topic_answer, topic_prompt
+from workflow.instructions import HUB_KEYS, Encoder, load_conversations, use_chat_template
+from workflow.ladder import RunShape, check_budget, replay_ratio, schedule_spec, schedule_steps
 
 log = logging.getLogger("workflow.train")
 
 # Bump when a change here changes what a stage writes (see workflow/stages.py).
-STAGE_VERSIONS = {"pretrain": "1", "sft": "1", "ct": "1"}
+STAGE_VERSIONS = {"pretrain": "1", "sft": "2", "ct": "1"}
 IGNORE = -100
 CHECKPOINT_DONE = "lrmerge-complete"  # written after the Trainer finished a checkpoint
 WORK_META = "work.json"
@@ -142,10 +162,15 @@ def replay_params(params: dict[str, Any]) -> float | None:
 
 
 def load_tokens(data_dir: str | Path) -> np.ndarray:
+    """tokens.npy of a prepare output, memory-mapped read-only: nothing is read until a block
+    is (uint16/uint32 from prepare 2, int32 from older outputs)."""
     path = Path(data_dir) / "tokens.npy"
     if not path.is_file():
         raise FileNotFoundError(f"token data directory {data_dir} has no tokens.npy")
-    tokens = np.load(path, allow_pickle=False)
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a token array ({error})") from None
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
         raise ValueError(
             f"{path}: expected a non-empty 1-D integer array, got {tokens.dtype} {tokens.shape}"
@@ -153,8 +178,12 @@ def load_tokens(data_dir: str | Path) -> np.ndarray:
     return tokens
 
 
-def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
-    low, high = int(tokens.min()), int(tokens.max())
+def check_vocab(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 24) -> None:
+    # Chunk by chunk: a pass over a memory map that never holds more than a chunk in memory.
+    if tokens.size == 0:
+        return
+    parts = [tokens[start : start + chunk] for start in range(0, tokens.size, chunk)]
+    low, high = min(int(p.min()) for p in parts), max(int(p.max()) for p in parts)
     if low < 0 or high >= vocab_size:
         raise ValueError(
             f"{where}: token ids span [{low}, {high}], "
@@ -166,7 +195,8 @@ class PackedBlocks(torch.utils.data.Dataset):
     """Blocks of ``seq_len`` overlapping by one token: each token a target once (module doc)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, sep_id: int) -> None:
-        self.stream = torch.from_numpy(np.concatenate([[sep_id], tokens]).astype(np.int64))
+        # The stream is [sep_id, *tokens], never built: tokens may be a memory map of billions.
+        self.tokens, self.sep_id = tokens, sep_id
         self.seq_len = seq_len
         self.stride = seq_len - 1
         self.targets = int(tokens.size)
@@ -177,73 +207,14 @@ class PackedBlocks(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        start = index * self.stride
-        ids = self.stream[start : start + self.seq_len].tolist()
+        start = index * self.stride  # in the stream, whose position 0 is sep_id
+        if start == 0:
+            head, block = [self.sep_id], self.tokens[: self.seq_len - 1]
+        else:
+            head, block = [], self.tokens[start - 1 : start - 1 + self.seq_len]
+        ids = head + block.astype(np.int64).tolist()
         # Position 0 is never a target of a shifted causal-LM loss; mark it so counts are honest.
         return {"input_ids": ids, "labels": [IGNORE, *ids[1:]]}
-
-
-def build_sft_example(tokenizer: Any, text: str, topic: str, seq_len: int) -> dict[str, list[int]]:
-    """One SFT example: loss only on the answer (and its EOS).
-
-    The split into prompt and answer ids follows lm-eval's ``_encode_pair`` (encode prompt+answer,
-    the answer is what follows the prompt's ids), with the tokenizer's default special tokens as
-    lm-eval's HFLM uses them, so training and the topic task score the same tokens. A prompt too
-    long for ``seq_len`` loses tokens on the left, as lm-eval's ``left_truncate_len`` does: the
-    "Topic:" cue next to the answer is always kept.
-    """
-    if topic not in TOPIC_LABELS:
-        raise ValueError(f"unknown topic {topic!r}; known topics: {sorted(TOPIC_LABELS)}")
-    prompt, answer = topic_prompt(text), topic_answer(topic)
-    context = tokenizer(prompt)["input_ids"]
-    whole = tokenizer(prompt + answer)["input_ids"]
-    if whole[: len(context)] == context and len(whole) > len(context):
-        answer_ids = whole[len(context) :]
-    else:  # a merge across the boundary: encode the answer on its own
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    answer_ids = [*answer_ids, tokenizer.eos_token_id]
-    room = seq_len - len(answer_ids)
-    if room < 1:
-        raise ValueError(
-            f"seq_len {seq_len} leaves no room for a prompt before the answer {answer!r}"
-        )
-    context = context[-room:]
-    return {"input_ids": context + answer_ids, "labels": [IGNORE] * len(context) + answer_ids}
-
-
-def select_sft_records(
-    records: list[dict[str, Any]], examples: int, seed: int
-) -> list[dict[str, Any]]:
-    """``examples`` training records with a topic, balanced over topics as far as data allows.
-
-    Round robin over topics (each topic's records shuffled with ``seed``), so a topic only gets
-    more than its share once the smaller topics run out.
-    """
-    by_topic: dict[str, list[dict[str, Any]]] = {}
-    for record in split_records(records, "train"):
-        topic = record.get("topic")
-        if topic is None:
-            continue
-        if topic not in TOPIC_LABELS:
-            raise ValueError(
-                f"corpus record has unknown topic {topic!r}; known: {sorted(TOPIC_LABELS)}"
-            )
-        by_topic.setdefault(topic, []).append(record)
-    if not by_topic:
-        raise ValueError("corpus has no training records with a topic to build SFT examples from")
-    rng = random.Random(seed)
-    pools = [rng.sample(by_topic[topic], len(by_topic[topic])) for topic in sorted(by_topic)]
-    chosen: list[dict[str, Any]] = []
-    depth = 0
-    while len(chosen) < examples and any(depth < len(pool) for pool in pools):
-        for pool in pools:
-            if depth < len(pool) and len(chosen) < examples:
-                chosen.append(pool[depth])
-        depth += 1
-    if len(chosen) < examples:
-        log.warning("asked for %d SFT examples, the corpus has only %d", examples, len(chosen))
-    rng.shuffle(chosen)
-    return chosen
 
 
 class Interleaved(torch.utils.data.Dataset):
@@ -256,18 +227,25 @@ class Interleaved(torch.utils.data.Dataset):
 
     def __init__(self, target: Any, replay: Any) -> None:
         self.target, self.replay = target, replay
-        keyed = [((k + 1) / len(target), 0, k) for k in range(len(target))]
-        keyed += [((k + 1) / len(replay), 1, k) for k in range(len(replay))]
-        self.order = [(source, k) for _, source, k in sorted(keyed)]
+        self.targets, self.replays = len(target), len(replay)
+
+    def _target_position(self, k: int) -> int:
+        """Where target block k lands: after k targets and the replay blocks j whose key
+        (j + 1) / replays is below (k + 1) / targets, counted in integers (no order list:
+        millions of blocks would make it gigabytes)."""
+        return k + max(0, ((k + 1) * self.replays - 1) // self.targets)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.targets + self.replays
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        source, k = self.order[index]
-        if source == 0:
-            return self.target[k]
-        return {**self.replay[k], "source": 1}
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        # Target blocks at or before ``index``; positions grow with k, so bisect on them.
+        before = bisect.bisect_right(range(self.targets), index, key=self._target_position)
+        if before and self._target_position(before - 1) == index:
+            return self.target[before - 1]
+        return {**self.replay[index - before], "source": 1}
 
 
 class TopUp(torch.utils.data.Dataset):
@@ -325,6 +303,7 @@ class CountingCollator:
 
 
 def count_targets(dataset: Any) -> int:
+    """Label tokens a shifted causal-LM loss sees (position 0 is never a target)."""
     return sum(
         sum(label != IGNORE for label in dataset[i]["labels"][1:]) for i in range(len(dataset))
     )
@@ -463,6 +442,207 @@ def prepare_work_dir(workdir: Path, meta: dict[str, Any]) -> Path | None:
     return resume
 
 
+# --------------------------------------------------------------------------- one-run CT
+
+
+RESUME_DIR = "resume"  # in a one-run CT artifact: the Trainer state to continue the run from
+RUN_FILE = "lrmerge-run.json"  # in it: where in the run the state is, and what it trained on
+
+
+class RunStream(torch.utils.data.Dataset):
+    """The one run's blocks in their fixed order (workflow/ladder.py): after target block j
+    (counting from 1), replay blocks until floor(j * ratio) of them are placed.
+
+    Positions are computed, not merged, so the order of a shorter run is a prefix of a longer
+    one's: target block j sits at j + floor(j * ratio), replay block k after target block
+    ceil((k + 1) / ratio). Replay items carry ``source`` 1, as in Interleaved.
+    """
+
+    def __init__(self, target: Any, replay: Any, ratio: Fraction) -> None:
+        self.target, self.replay = target, replay
+        n_target = len(target)
+        n_replay = math.floor(n_target * ratio) if replay is not None else 0
+        if replay is not None and len(replay) != n_replay:
+            raise ValueError(f"{len(replay)} replay blocks next to {n_target} target blocks; "
+                             f"the run's ratio {ratio} places {n_replay}")
+        # Item i: target block order[i] when >= 0, else replay block -order[i] - 1.
+        self.order = np.empty(n_target + n_replay, dtype=np.int64)
+        j = np.arange(n_target, dtype=np.int64)
+        self.order[j + j * ratio.numerator // ratio.denominator] = j
+        if n_replay:
+            k = np.arange(n_replay, dtype=np.int64)
+            after = -((-(k + 1) * ratio.denominator) // ratio.numerator)  # ceil((k + 1) / ratio)
+            self.order[after + k] = -k - 1
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = int(self.order[index])
+        if item >= 0:
+            return self.target[item]
+        return {**self.replay[-item - 1], "source": 1}
+
+
+def stream_sha256(tokens: np.ndarray, count: int) -> str:
+    """sha256 of the first ``count`` token ids as little-endian uint32, whatever the array's
+    own dtype: a lower checkpoint's record of what it trained on, checked on resume."""
+    hasher = hashlib.sha256()
+    chunk = 1 << 24
+    for start in range(0, count, chunk):
+        part = tokens[start : min(count, start + chunk)]
+        hasher.update(np.ascontiguousarray(part, dtype="<u4").tobytes())
+    return hasher.hexdigest()
+
+
+@dataclass
+class OneRun:
+    """A one-run CT job: the run's schedule, the state this checkpoint records, and the lower
+    checkpoint (artifact dir and its RUN_FILE) it continues from, if any."""
+
+    schedule_steps: int
+    state: dict[str, Any]
+    lower: Path | None = None
+    start: dict[str, Any] | None = None
+
+
+def _link_tree(source: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a checkpoint folder by hard links where the filesystem allows (gigabytes of
+    optimizer state; nothing ever writes into a finished checkpoint), else by copying."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, copy_function=link, ignore=shutil.ignore_patterns(*skip))
+
+
+def seed_work_dir(workdir: Path, lower: Path, world: int) -> Path:
+    """Put a lower checkpoint's resume state into ``workdir`` as the checkpoint to resume from.
+
+    Its token counts are the run's totals; they go to rank 0 (the ranks' counts are summed).
+    """
+    state_dir = Path(lower) / RESUME_DIR
+    run = read_json(state_dir / RUN_FILE)
+    dest = workdir / f"checkpoint-{run['step']}"
+    if dest.exists():  # a copy interrupted before its marker
+        shutil.rmtree(dest)
+    _link_tree(state_dir, dest, skip=(CHECKPOINT_DONE, RUN_FILE, "lrmerge-counts-*"))
+    for rank in range(world):
+        counts = run["token_counts"] if rank == 0 else [0, 0, 0]
+        write_json(dest / f"lrmerge-counts-{rank}.json", {"token_counts": counts})
+    (dest / CHECKPOINT_DONE).touch()
+    log.info("continuing the run from %s (step %d, %d target tokens)", lower, run["step"],
+             run["tokens"])
+    return dest
+
+
+def _run_identity(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A one-run CT recipe without what names its budget: the same for every checkpoint."""
+    params = {k: v for k, v in recipe["params"].items() if k != "tokens"}
+    return {**{k: v for k, v in recipe.items() if k not in ("data", "replay")}, "params": params}
+
+
+def _check_lower(
+    lower: Path, recipe: dict[str, Any], tokens: np.ndarray, replay: np.ndarray | None, world: int
+) -> dict[str, Any]:
+    """The lower checkpoint's run state, once it is shown to be an earlier point of this run:
+    same recipe but for the budget, fewer tokens, and a prefix of this job's data."""
+    if not (lower / RESUME_DIR / RUN_FILE).is_file():
+        raise FileNotFoundError(f"--resume {lower} holds no one-run resume state "
+                                f"({RESUME_DIR}/{RUN_FILE})")
+    if _run_identity(read_json(lower / "recipe.json")["recipe"]) != _run_identity(recipe):
+        raise ValueError(f"--resume {lower} is a checkpoint of another CT run (its recipe "
+                         "differs in more than its budget)")
+    run = read_json(lower / RESUME_DIR / RUN_FILE)
+    if not run["tokens"] < tokens.size:
+        raise ValueError(f"--resume {lower} is at {run['tokens']:,} target tokens, not below "
+                         f"this budget of {tokens.size:,}")
+    if stream_sha256(tokens, run["tokens"]) != run["target_sha256"]:
+        raise ValueError(f"--resume {lower} trained on {run['tokens']:,} tokens that are not the "
+                         "start of this job's --data: prepare's cut at a smaller budget must be "
+                         "a prefix of a larger one")
+    if run["replay_tokens"] and (
+        replay is None or stream_sha256(replay, run["replay_tokens"]) != run["replay_sha256"]
+    ):
+        raise ValueError(f"--resume {lower} trained on {run['replay_tokens']:,} replay tokens "
+                         "that are not the start of this job's --replay")
+    if run["fsdp"] and run["world_size"] != world:
+        raise ValueError(f"--resume {lower} holds FSDP state of {run['world_size']} processes; "
+                         f"this job has {world}: run it on as many")
+    return run
+
+
+def _one_run_data(
+    recipe: dict[str, Any],
+    train: dict[str, Any],
+    share: float | None,
+    tokens: np.ndarray,
+    eos: int,
+    vocab: int,
+    replay_dir: Path | None,
+    lower: Path | None,
+) -> tuple[Any, dict[str, Any], OneRun]:
+    """The blocks of a one-run CT job up to its budget, in the run's order, and its OneRun."""
+    params = recipe["params"]
+    schedule = schedule_spec(params.get("schedule"), "params.schedule")
+    if schedule is None:
+        raise ValueError("ct params: 'schedule' is not a one_run schedule")
+    budget = int(tokens.size)
+    if params.get("tokens") != budget:
+        raise ValueError(f"ct params: 'tokens' is {params.get('tokens')!r} but --data holds "
+                         f"{budget:,} tokens")
+    if train["epochs"] != 1:
+        raise ValueError(f"'params.train.epochs': a one-run CT reads its stream once, so epochs "
+                         f"must be 1, got {train['epochs']}")
+    shape = RunShape.of(train, share)
+    total = schedule_steps(schedule, shape)
+    steps = check_budget(budget, shape, total, "params.tokens")
+    world = _world()[1]
+    target = PackedBlocks(tokens, train["seq_len"], eos)
+    replay = replay_blocks = None
+    wanted = shape.replay_tokens(budget)
+    extra: dict[str, Any] = {"tokens_budget": budget, "epochs": 1, "schedule_steps": total}
+    if share is not None and replay_dir is not None:
+        if wanted:
+            replay = load_tokens(replay_dir)
+            if replay.size < wanted:
+                raise ValueError(
+                    f"--replay {replay_dir} holds {replay.size:,} tokens; the one CT run at "
+                    f"{budget:,} target tokens has trained {wanted:,} replay tokens"
+                )
+            replay = replay[:wanted]
+            check_vocab(replay, vocab, str(replay_dir))
+            replay_blocks = PackedBlocks(replay, train["seq_len"], eos)
+        else:
+            replay_blocks = []
+        extra.update(replay_share=share, replay_tokens_budget=wanted)
+    dataset = RunStream(target, replay_blocks, replay_ratio(share))
+    if len(dataset) != steps * shape.blocks_per_step:  # ladder.py and the blocks disagree
+        raise RuntimeError(f"{len(dataset)} blocks for {steps} steps of {shape.describe()}")
+    state = {
+        "tokens": budget,
+        "step": steps,
+        "target_sha256": stream_sha256(tokens, budget),
+        "replay_tokens": wanted if share is not None else 0,
+        "replay_sha256": stream_sha256(replay, wanted) if replay is not None else None,
+        "world_size": world,
+        "fsdp": bool(train["fsdp"]),
+    }
+    start = _check_lower(lower, recipe, tokens, replay, world) if lower is not None else None
+    return dataset, extra, OneRun(total, state, lower, start)
+
+
+def keep_resume_state(checkpoint: Path, dest: Path, state: dict[str, Any]) -> None:
+    """Keep the run's final Trainer checkpoint in the artifact (``dest``), so a higher budget
+    continues the run from here. The pickled TrainingArguments are left out: nothing reads
+    them on resume."""
+    _link_tree(checkpoint, dest, skip=("training_args.bin",))
+    write_json(dest / RUN_FILE, state)
+
+
 def _resolve_bf16(setting: Any, cuda: bool) -> bool:
     if setting == "auto":
         return cuda and torch.cuda.is_bf16_supported()
@@ -497,6 +677,19 @@ def _trainer_classes() -> tuple[type, type]:
         replay labels, inputs]."""
 
         token_counts = (0, 0, 0)
+        # One-run CT (workflow/ladder.py): blocks in stream order, and a learning-rate schedule
+        # as long as the run, not as this job.
+        sequential = False
+        schedule_steps: int | None = None
+
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            if self.sequential:
+                dataset = self.train_dataset if train_dataset is None else train_dataset
+                return torch.utils.data.SequentialSampler(dataset)
+            return super()._get_train_sampler(train_dataset)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):  # noqa: ANN001, ANN202
+            return super().create_scheduler(self.schedule_steps or num_training_steps, optimizer)
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
             counts = inputs.pop("token_counts").tolist()
@@ -531,8 +724,14 @@ def run_training(
     train: dict[str, Any],
     workdir: Path,
     meta: dict[str, Any],
+    schedule_steps: int | None = None,
+    seed_from: Path | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Train ``model`` with the Trainer, resuming from ``workdir``'s checkpoints.
+
+    With ``schedule_steps`` (one-run CT) the blocks are taken in order and the learning-rate
+    schedule spans that many steps, of which this job runs its dataset's; without a checkpoint
+    of its own the job starts from ``seed_from``, a lower checkpoint's resume state.
 
     Returns the trained model (LoRA folded in), the Trainer (for a sharded state dict), and the
     metrics that go in metrics.json.
@@ -561,7 +760,7 @@ def run_training(
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr": train["min_lr"]},
         # An explicit step count: a float would be read as a ratio only below 1.
-        warmup_steps=math.ceil(steps * train["warmup_ratio"]),
+        warmup_steps=math.ceil((schedule_steps or steps) * train["warmup_ratio"]),
         logging_steps=max(1, min(50, steps // 20)),
         logging_first_step=True,
         save_strategy="steps",
@@ -585,6 +784,8 @@ def run_training(
     # Rank 0 tidies the work dir before the others look for a checkpoint in it.
     with args.main_process_first(local=False, desc="work dir"):
         resume = prepare_work_dir(workdir, meta) if args.process_index == 0 else None
+        if args.process_index == 0 and resume is None and seed_from is not None:
+            resume = seed_work_dir(workdir, seed_from, world)
         if args.process_index != 0:
             done = [p for p in _complete_checkpoints(workdir) if (p / CHECKPOINT_DONE).is_file()]
             resume = done[-1] if done else None
@@ -594,6 +795,8 @@ def run_training(
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[marks]
     )
     marks.trainer = trainer
+    if schedule_steps is not None:
+        trainer.sequential, trainer.schedule_steps = True, schedule_steps
     resumed_step = 0
     resumed_tokens = resumed_inputs = 0  # over all processes; the checkpoint is rotated away later
     if resume is not None:
@@ -650,12 +853,29 @@ def _finish(
     save_dtype: torch.dtype,
     extra: dict[str, Any],
     allow_nonfinite: bool = False,
+    run: OneRun | None = None,
 ) -> None:
     train = train_params(recipe["params"])
     _check_seq_len(model, train["seq_len"])
     workdir = work_dir_for(out)
-    meta = {"recipe": recipe, "world_size": _world()[1]}
-    model, trainer, metrics = run_training(model, dataset, collator, train, workdir, meta)
+    world = _world()[1]
+    meta = {"recipe": recipe, "world_size": world}
+    model, trainer, metrics = run_training(
+        model, dataset, collator, train, workdir, meta,
+        schedule_steps=run.schedule_steps if run else None,
+        seed_from=run.lower if run else None,
+    )
+    final = workdir / f"checkpoint-{trainer.state.global_step}"
+    if run is not None:
+        # The run so far against this job's own share of it: a ladder trains max(budgets).
+        start = run.start["token_counts"] if run.start else [0, 0, 0]
+        metrics["tokens_trained_this_job"] = metrics["tokens_trained"] - start[0]
+        if "replay_share" in extra:
+            replay_total = metrics.get("replay_tokens_trained", 0)
+            metrics["replay_tokens_trained_this_job"] = replay_total - start[1]
+        metrics["resumed_from_tokens"] = run.start["tokens"] if run.start else 0
+        if not (final / CHECKPOINT_DONE).is_file():
+            raise RuntimeError(f"the Trainer left no complete final checkpoint {final}")
     state_dict = None
     if trainer.is_fsdp_enabled:  # a collective: every rank takes part
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -685,6 +905,10 @@ def _finish(
                 model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "metrics.json", {**extra, **metrics})
+            if run is not None:
+                ranks = [_checkpoint_counts(final, rank) for rank in range(world)]
+                counts = [sum(column) for column in zip(*ranks, strict=True)]
+                keep_resume_state(final, tmp / RESUME_DIR, {**run.state, "token_counts": counts})
             write_recipe(tmp, recipe)
         # Only now is the state safe to drop: the artifact is in place.
         shutil.rmtree(workdir, ignore_errors=True)
@@ -746,7 +970,11 @@ def continual(
     out: Path,
     replay_dir: Path | None = None,
     allow_nonfinite: bool = False,
+    resume_dir: Path | None = None,
 ) -> None:
+    """CT of ``model_dir`` on ``data_dir``: an independent run over its budget, or with
+    params.schedule (one_run) the run's checkpoint at that budget, continued from the lower
+    checkpoint ``resume_dir`` when given (workflow/ladder.py)."""
     params = recipe["params"]
     train = train_params(params)
     share = replay_params(params)
@@ -755,12 +983,24 @@ def continual(
             "ct: params.replay and --replay go together: "
             f"replay share {share!r}, --replay {replay_dir!s}"
         )
+    one_run = schedule_spec(params.get("schedule"), "params.schedule") is not None
+    if resume_dir is not None and not one_run:
+        raise ValueError(f"ct: --resume {resume_dir} continues a one-run schedule, and this "
+                         "recipe has none (params.schedule)")
     model, tokenizer, stored = _load_model(model_dir)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {model_dir} has no eos token to separate documents")
     vocab = model.get_input_embeddings().num_embeddings
     tokens = load_tokens(data_dir)
     check_vocab(tokens, vocab, str(data_dir))
+    if one_run:
+        dataset, extra, run = _one_run_data(
+            recipe, train, share, tokens, tokenizer.eos_token_id, vocab, replay_dir, resume_dir
+        )
+        collator = CountingCollator(_pad_id(tokenizer))
+        _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra,
+                allow_nonfinite, run=run)
+        return
     dataset: Any = PackedBlocks(tokens, train["seq_len"], tokenizer.eos_token_id)
     extra: dict[str, Any] = {"tokens_budget": int(tokens.size), "epochs": train["epochs"]}
     if share is not None and replay_dir is not None:
@@ -781,35 +1021,92 @@ def continual(
     _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra, allow_nonfinite)
 
 
+def sft_params(recipe: dict[str, Any], dataset: Path | None) -> dict[str, Any]:
+    """The SFT recipe's settings, checked before anything is loaded, and the data spec of
+    workflow.instructions: the local file (--dataset, checked against the recipe's sha256) or
+    the hub dataset the recipe names."""
+    params = recipe["params"]
+    examples = params.get("examples")
+    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
+        raise ValueError(f"sft params: 'examples' must be an integer >= 1, got {examples!r}")
+    if params.get("select") not in ("first", "sample"):
+        raise ValueError(
+            f"sft params: 'select' must be first or sample, got {params.get('select')!r}"
+        )
+    if params.get("chat_template") not in ("auto", True, False):
+        raise ValueError(
+            "sft params: 'chat_template' must be auto, true or false, got "
+            f"{params.get('chat_template')!r}"
+        )
+    spec = validate_fragment("instruction_data", params.get("data", {}), "params.data")
+    ref = recipe.get("dataset")
+    if isinstance(ref, dict) and set(ref) == set(HUB_KEYS):
+        if dataset is not None:
+            raise ValueError(f"sft: the recipe names hub dataset {ref['hub']}; drop --dataset")
+        return {**spec, **ref}
+    if not (isinstance(ref, dict) and set(ref) == {"sha256"}):
+        raise ValueError(
+            "sft recipe: 'dataset' must be {sha256} (a local file, given as --dataset) or "
+            f"{{{', '.join(HUB_KEYS)}}} (a hub dataset), got {ref!r}"
+        )
+    if dataset is None:
+        raise ValueError("sft: the recipe names a local dataset file; pass it as --dataset PATH")
+    if not dataset.is_file():
+        raise FileNotFoundError(f"sft: --dataset {dataset}: file not found")
+    if sha256_file(dataset) != ref["sha256"]:
+        raise ValueError(
+            f"sft: --dataset {dataset} does not have the sha256 the recipe names "
+            f"({ref['sha256']}): the file changed after the workflow was planned"
+        )
+    return {**spec, "path": str(dataset)}
+
+
 def sft(
     recipe: dict[str, Any],
     model_dir: Path,
-    corpus: Path,
+    dataset: Path | None,
     out: Path,
     allow_nonfinite: bool = False,
 ) -> None:
+    """Fine-tune on an instruction dataset (workflow/instructions.py), the loss on the
+    responses only."""
     params = recipe["params"]
     train = train_params(params)
-    examples = params.get("examples")
-    if not isinstance(examples, int) or examples < 1:
-        raise ValueError(f"sft params: 'examples' must be an integer >= 1, got {examples!r}")
+    spec = sft_params(recipe, dataset)
+    # Malformed records fail here, before the model is loaded.
+    conversations, available = load_conversations(
+        spec, dataset, params["examples"], params["select"], train["seed"]
+    )
+    if len(conversations) < params["examples"]:
+        log.warning(
+            "asked for %d SFT examples, the data holds %d", params["examples"], len(conversations)
+        )
     model, tokenizer, stored = _load_model(model_dir)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {model_dir} has no eos token to end answers with")
-    records = select_sft_records(read_corpus(corpus), examples, train["seed"])
-    dataset = [
-        build_sft_example(tokenizer, r["text"], r["topic"], train["seq_len"]) for r in records
-    ]
+    templated = use_chat_template(tokenizer, params["chat_template"], str(model_dir))
+    encoder = Encoder(tokenizer, train["seq_len"], templated, spec["separator"])
+    examples = [encoder.encode(messages, f"example {i + 1}") for i, messages in
+                enumerate(conversations)]
+    kept = [example for example in examples if example is not None]
+    if not kept:
+        raise ValueError(
+            f"sft: none of {len(examples)} examples keeps a response token within seq_len "
+            f"{train['seq_len']}: raise seq_len"
+        )
+    if len(kept) < len(examples):
+        log.warning("dropped %d of %d SFT examples: no response token fits in seq_len %d",
+                    len(examples) - len(kept), len(examples), train["seq_len"])
     collator = CountingCollator(_pad_id(tokenizer))
     extra = {
-        "tokens_budget": count_targets(dataset),
+        "tokens_budget": count_targets(kept),
         "epochs": train["epochs"],
-        "examples": len(dataset),
-        "examples_per_topic": {
-            t: sum(r["topic"] == t for r in records) for t in sorted({r["topic"] for r in records})
-        },
+        "examples": len(kept),
+        "examples_dropped": len(examples) - len(kept),
+        "records_read": available,
+        "chat_template": templated,
     }
-    _finish(model, tokenizer, dataset, collator, recipe, out, stored, extra, allow_nonfinite)
+    _finish(model, tokenizer, kept, collator, recipe, out, stored, extra, allow_nonfinite)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -829,9 +1126,13 @@ def main(argv: list[str] | None = None) -> None:
     ct.add_argument("--model", type=Path, required=True)
     ct.add_argument("--data", type=Path, required=True)
     ct.add_argument("--replay", type=Path, default=None, help="English replay token dir")
-    tune = sub.add_parser("sft", help="supervised fine-tuning on topic classification")
+    ct.add_argument("--resume", type=Path, default=None,
+                    help="one-run CT: the lower budget's checkpoint to continue the run from")
+    tune = sub.add_parser("sft", help="supervised fine-tuning on an instruction dataset")
     tune.add_argument("--model", type=Path, required=True)
-    tune.add_argument("--corpus", type=Path, required=True)
+    tune.add_argument(
+        "--dataset", type=Path, default=None, help="the local instruction file the recipe names"
+    )
     for command in (pre, ct, tune):
         command.add_argument("--recipe", type=parse_recipe_arg, required=True)
         command.add_argument("--out", type=Path, required=True)
@@ -856,9 +1157,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "pretrain":
             pretrain(args.recipe, args.tokenizer, args.data, args.out, allow)
         elif args.command == "ct":
-            continual(args.recipe, args.model, args.data, args.out, args.replay, allow)
+            continual(args.recipe, args.model, args.data, args.out, args.replay, allow,
+                      args.resume)
         else:
-            sft(args.recipe, args.model, args.corpus, args.out, allow)
+            sft(args.recipe, args.model, args.dataset, args.out, allow)
     except (
         ValueError,
         FileNotFoundError,
