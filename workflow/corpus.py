@@ -1,13 +1,16 @@
 """Reading corpora: the shipped demo JSONL, a user's JSONL, or plain text.
 
-Every format yields records ``{"text": str, "split": "train" | "test", "topic": str | None}``.
+Every format yields records ``{"text": str, "split": "train" | "dev" | "test", "topic": str |
+None}``.
 
 - ``.jsonl`` / ``.jsonl.gz``: one JSON object per line with a ``text`` field; optional
-  ``split`` ("train"/"test") and ``topic`` fields. Records without ``split`` are assigned one
-  deterministically from a hash of their text (``heldout_fraction`` of them go to "test").
+  ``split`` ("train"/"dev"/"test"; dev and test are held out) and ``topic`` fields. Records
+  without ``split`` are assigned one deterministically from a hash of their text
+  (``heldout_fraction`` of them go to "test").
 - ``.txt`` / ``.txt.gz``: documents separated by blank lines; splits assigned the same way.
 
-Files are UTF-8; an undecodable byte is an error naming the file and line.
+Files are UTF-8; an undecodable byte is an error naming the file and line. ``iter_corpus``
+streams the records (what ``prepare`` reads); ``read_corpus`` is the same records as a list.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-SPLITS = ("train", "test")
+# "dev": held-out documents for choosing hyperparameters (a file may mark them; otherwise the
+# evalset stage carves them out of "test" with dev_or_test), never trained on.
+SPLITS = ("train", "dev", "test")
 
 
 class CorpusError(ValueError):
@@ -74,6 +79,13 @@ def hashed_split(text: str, heldout_fraction: float) -> str:
     return "test" if bucket < heldout_fraction else "train"
 
 
+def dev_or_test(text: str, dev_fraction: float) -> str:
+    """Which part of the held-out documents a document is in: a hash of its text independent
+    of hashed_split's (salted), so the train split never moves."""
+    digest = hashlib.sha256(b"dev:" + text.encode("utf-8")).digest()
+    return "dev" if int.from_bytes(digest[:8], "big") / 2**64 < dev_fraction else "test"
+
+
 def iter_jsonl(path: Path, error: type[Exception] = CorpusError) -> Iterator[tuple[int, Any]]:
     """(line number, decoded value) of each non-blank line; bad JSON raises ``error``
     naming the file and line."""
@@ -108,8 +120,11 @@ def _text_records(path: Path) -> Iterator[dict[str, Any]]:
         yield {"text": "\n".join(block)}
 
 
-def read_corpus(path: str | Path, heldout_fraction: float = 0.05) -> list[dict[str, Any]]:
-    """All records of a corpus file, each with ``text``, ``split`` and ``topic``."""
+def iter_corpus(path: str | Path, heldout_fraction: float = 0.05) -> Iterator[dict[str, Any]]:
+    """The records of a corpus file one at a time, in file order, each with ``text``, ``split``
+    and ``topic``: memory does not grow with the corpus. A missing file or an unknown format is
+    an error at the call, before iteration; a corpus with no non-empty document is an error
+    when iteration ends."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
@@ -120,16 +135,27 @@ def read_corpus(path: str | Path, heldout_fraction: float = 0.05) -> list[dict[s
         raw = _text_records(path)
     else:
         raise CorpusError(f"{path}: unsupported corpus format (use .jsonl, .txt, optionally .gz)")
-    records = []
+    return _clean_records(path, raw, heldout_fraction)
+
+
+def _clean_records(
+    path: Path, raw: Iterator[dict[str, Any]], heldout_fraction: float
+) -> Iterator[dict[str, Any]]:
+    seen = False
     for record in raw:
         text = record["text"].strip()
         if not text:
             continue
+        seen = True
         split = record.get("split") or hashed_split(text, heldout_fraction)
-        records.append({"text": text, "split": split, "topic": record.get("topic")})
-    if not records:
+        yield {"text": text, "split": split, "topic": record.get("topic")}
+    if not seen:
         raise CorpusError(f"{path}: no non-empty documents")
-    return records
+
+
+def read_corpus(path: str | Path, heldout_fraction: float = 0.05) -> list[dict[str, Any]]:
+    """All records of a corpus file, each with ``text``, ``split`` and ``topic``."""
+    return list(iter_corpus(path, heldout_fraction))
 
 
 def split_records(records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
