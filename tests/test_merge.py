@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from workflow.artifacts import read_json
 from workflow.merge.__main__ import main as merge_main
 from workflow.merge.engine import merge_models
+from workflow.merge.kernels import MagnitudeSelection
 from workflow.merge.methods import (
     DIAGNOSTIC_KEYS,
     MERGE_METHODS,
@@ -26,6 +27,7 @@ from workflow.merge.methods import (
     layer_of,
     linear,
     magnitude_trim,
+    ties_yadav,
     topk_mask,
     validate_merge_spec,
 )
@@ -213,6 +215,78 @@ def test_ties_matches_mergekit_formula_on_fp32():
                                rtol=1e-6, atol=1e-6)
 
 
+def test_ties_yadav_by_hand():
+    base = T([0.0, 0.0, 0.0, 0.0, 0.0])
+    x1 = T([3.0, -1.0, 2.0, 1.0, 0.5])
+    x2 = T([-1.0, 2.0, -2.0, 1.0, -4.0])
+    # Thresholds 1 and 2 (whole-model values, given): tau1 keeps 3, -1, 2, 1; tau2 keeps 2, -2, -4.
+    # Sums 3, 1, 0, 1, -4: the zero sum at index 2 elects the majority sign.
+    for majority, third in ((1, 2.0), (-1, -2.0), (0, -2.0)):  # 0 elects the negative side
+        out = ties_yadav(base, [x1, x2], densities=[0.5, 0.5], lam=1.0, thresholds=[1.0, 2.0],
+                         majority=majority)
+        assert torch.equal(out, T([3.0, 2.0, third, 1.0, -4.0]))
+    # -inf keeps everything; agreeing entries average; lambda scales the mean.
+    out = ties_yadav(base + 1, [x1 + 1, x2 + 1], densities=[1.0, 1.0], lam=0.5,
+                     thresholds=[-math.inf, -math.inf], majority=1)
+    assert torch.allclose(out, 1 + 0.5 * T([3.0, 2.0, 2.0, 1.0, -4.0]))
+
+
+def test_ties_yadav_needs_the_whole_model_statistics():
+    assert METHOD_PARAMS["ties_yadav"] == {"global": {"lambda": 1.0}, "model": {"density": 1.0}}
+    method = MERGE_METHODS["ties_yadav"]
+    assert method.whole_model and method.trims and not method.mergekit
+    with pytest.raises(ValueError, match="ties_yadav.*whole model"):
+        method(T([0.0, 1.0]), [T([1.0, 2.0])], {"lambda": 1.0}, [{"density": 0.5}])
+
+
+def test_ties_sv_is_labelled_as_this_projects_reading_in_readme_and_report():
+    import pandas as pd
+
+    from workflow.report.tables import TIES_SV_NOTE, legend_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "**TIES-SV, as read here.**" in readme and "not the paper's method" in readme
+    rows = [{"kind": "merge", "model": "m", "langs": "eu", "tokens": 1, "method": method,
+             "hparams": "", "label": method} for method in ("ties_sv", "ties_yadav", "ties")]
+    legend = legend_markdown(pd.DataFrame(rows))
+    assert TIES_SV_NOTE in legend and "this project's reading" in TIES_SV_NOTE
+    assert "| TIES-Yadav | ties_yadav |" in legend
+    assert TIES_SV_NOTE not in legend_markdown(pd.DataFrame(rows[1:]))
+
+
+@pytest.mark.parametrize("chunks", [1, 7])
+def test_magnitude_selection_equals_kthvalue_over_a_stream(chunks):
+    """The two-pass radix selection gives torch.kthvalue of the concatenation, at every rank
+    tried, with tie groups, zeros, subnormals, huge values and Inf; NaN counts as 0."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.randint(0, 5, (3000,), generator=gen) / 8,  # ties and zeros
+                        torch.randn(3000, generator=gen) * 1e-3,
+                        torch.randn(500, generator=gen) * 1e30,
+                        T([1e-45, 2e-45, math.inf, 3.4e38, 0.0])]).abs()
+    values = values[torch.randperm(values.numel(), generator=gen)]
+    pieces = values.tensor_split(chunks)
+    n = values.numel()
+    ranks = [1, 2, n // 3, n // 2, n - 600, n - 1, n]
+    selection = MagnitudeSelection()
+    for piece in pieces:
+        selection.count_high(piece)
+    assert selection.n == n
+    selection.choose(ranks)
+    for piece in pieces:
+        selection.count_low(piece)
+    for rank in ranks:
+        assert selection.value(rank) == float(values.kthvalue(rank).values), rank
+    with pytest.raises(ValueError, match="rank 0 outside"):
+        selection.choose([0])
+    nan = values.clone()
+    nan[:10] = math.nan
+    selection = MagnitudeSelection()
+    selection.count_high(nan)
+    selection.choose([11])
+    selection.count_low(nan)
+    assert selection.value(11) == float(torch.where(nan.isnan(), 0.0, nan).kthvalue(11).values)
+
+
 # ---------------------------------------------------------------- spec validation
 
 
@@ -236,6 +310,10 @@ def _models(**sft):
     ("ties_sv", {"slack": 0.1}, _models()[:1], "role 'sft'"),
     ("ties_sv", {"slack": 0.6}, _models(), "must not exceed"),
     ("linear", {}, _models(density=0.5), "'density'"),
+    # The reference election is unweighted and always a disjoint mean.
+    ("ties_yadav", {}, _models(), "no per-model parameter 'weight'"),
+    ("ties_yadav", {"normalize": True}, [{"role": "ct"}], "no parameter 'normalize'"),
+    ("ties_yadav", {}, [{"role": "ct", "density": 0.0}], "'density'"),
     ("linear", {}, [{"role": "ct", "weight": 1}, {"role": "sft", "weight": -1}], "sum to 0"),
 ])
 def test_invalid_specs_name_the_fault(method, params, models, fault):

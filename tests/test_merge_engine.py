@@ -4,6 +4,7 @@ one pass, extended vocabularies, tied embeddings, merge-on-load, every method en
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,53 @@ def test_streaming_kernel_equals_reference(dtype, method, params, models):
     if method != "linear":
         other = spec(base, xs, {**resolved, "lambda": 0.5}, per_model, task)
         assert _same_bits(outs[1], other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("densities", [[0.5, 0.3], [0.2, 0.6, 1.0]])
+def test_streaming_ties_yadav_equals_reference(dtype, densities):
+    """The kernel path with the whole-model statistics of one tensor (a one-tensor model):
+    deltas of a few grid steps (huge tie groups at the thresholds) and exact cancellations
+    (zero-sum elections, decided by the majority sign)."""
+    from workflow.merge.kernels import whole_model_statistics
+    from workflow.merge.methods import yadav_trimmed
+
+    gen = torch.Generator().manual_seed(6)
+    n = 120_007
+    # Values on a 2^-20 grid: float32 differences are exact, so the mirrored deltas below cancel.
+    base = ((torch.randn(n, generator=gen) * 256).round() / 1024).to(dtype)
+    xs = [(base.float() + (0.002 * torch.randn(n, generator=gen) * 2**20).round() / 2**20)
+          .to(dtype) for _ in densities]
+    xs[1][:20_000] = (2 * base.float() - xs[0].float()).to(dtype)[:20_000]  # cancellations
+    spec = MERGE_METHODS["ties_yadav"]
+    models = [{"role": "ct", "density": d} for d in densities]
+    resolved, per_model, task = resolve_merge_spec("ties_yadav", {"lambda": 0.8}, models)
+    # Two tensors (the base and models split in two), counted in chunks of 7k on the workers.
+    split = [(base[:50_000], [x[:50_000] for x in xs]), (base[50_000:], [x[50_000:] for x in xs])]
+    (context,) = whole_model_statistics(lambda: split, [densities], chunk=7_000)
+    for x, d, threshold in zip(xs, densities, context["thresholds"], strict=True):
+        tau = (x.float() - base.float()).abs()
+        k = int(d * n)
+        assert threshold == (float(tau.kthvalue(n - k).values) if k < n else -math.inf)
+    assert whole_model_statistics(lambda: [(base, xs)], [densities]) == [context]
+    trimmed = yadav_trimmed(base, xs, context["thresholds"])
+    assert int(((trimmed.sum(dim=0) == 0) & (trimmed != 0).any(dim=0)).sum()) > 0
+    assert int((base.float().view(torch.int32) == -(2**31)).sum()) > 0  # -0.0 base entries
+    expected = spec(base, xs, resolved, per_model, task, context=context)
+    plan = stream_plan(spec, resolved, per_model, task, context)
+    assert plan is not None and stream_plan(spec, resolved, per_model, task) is None
+    for majority in (context["majority"], -context["majority"]):
+        ctx = {**context, "majority": majority}
+        plan = stream_plan(spec, resolved, per_model, task, ctx)
+        outs = [torch.empty(n, dtype=dtype) for _ in range(2)]
+        stream_merge(plan, base, xs, outs, [0.8, 1.0], chunk=10_000)
+        assert _same_bits(outs[0], spec(base, xs, resolved, per_model, task, context=ctx))
+        assert _same_bits(outs[1], spec(base, xs, {"lambda": 1.0}, per_model, task,
+                                        context=ctx))
+        if majority == context["majority"]:
+            assert _same_bits(outs[0], expected)
+        else:  # the zero-sum elections happen, and the majority decides them
+            assert not _same_bits(outs[0], expected)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -196,6 +244,7 @@ ALL = {
     "task_arithmetic": ({"lambda": 0.9}, {}, {}),
     "ties": ({}, {"density": 0.5}, {"density": 0.5}),
     "ties_sv": ({"slack": 0.2}, {"density": 0.5}, {"density": 0.5}),
+    "ties_yadav": ({"lambda": 0.9}, {"density": 0.5}, {"density": 0.3}),
     "dare_ties": ({"seed": 3}, {"density": 0.5}, {"density": 0.5}),
     "dare_linear": ({}, {"density": 0.5}, {"density": 0.7}),
     "breadcrumbs": ({}, {"density": 0.5}, {"density": 0.5}),
@@ -219,7 +268,7 @@ def test_every_method_end_to_end(ckpts, tmp_path):
         assert all(torch.isfinite(t).all() for t in merged.values()), method
         assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
                                base["model.layers.0.mlp.up_proj.weight"]), method
-        assert (out / "mergekit.yaml").is_file() == (method != "ties_sv")
+        assert (out / "mergekit.yaml").is_file() == MERGE_METHODS[method].mergekit
         assert "```json" in (out / "README.md").read_text()
         assert set(read_json(out / "diagnostics.json")["overall"]) >= {"sign_conflict"}
 
@@ -341,3 +390,145 @@ def test_diagnostics_only_sweep_writes_no_weights_and_the_same_diagnostics(ckpts
         assert (diagnosed / "README.md").is_file()
     with pytest.raises(ValueError, match="only for its diagnostics"):
         merge_many(recipes, ckpts["base"], models, diag, weights=False, diagnostics=False)
+
+
+# ---------------------------------------------------------------- ties_yadav: the reference
+
+
+def _yadav_reference(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]],
+                     densities: list[float], lam: float) -> dict[str, torch.Tensor]:
+    """Yadav et al.'s reference code restated (github prateeky2806/ties-merging,
+    src/utils/merge_utils.py: state_dict_to_vector, topk_values_mask, resolve_sign "mass",
+    disjoint_merge "dis-mean", ``flat_ptm + lam * merged_tv``): every parameter flattened into
+    one vector per model, in memory. One density per model (the reference's single K is the
+    case of equal densities); density 1 keeps everything (its notebook's K >= 1)."""
+    keys = sorted(base)
+    flat_ptm = torch.cat([base[k].reshape(-1) for k in keys])
+    tvs = torch.vstack([torch.cat([m[k].reshape(-1) for k in keys]) - flat_ptm for m in models])
+    rows = []
+    for tv, density in zip(tvs, densities, strict=True):
+        d = tv.numel()
+        k = d - int(d * density)  # "Keep top k elements instead of bottom k elements"
+        if k == 0:
+            rows.append(tv)
+            continue
+        kth = tv.abs().kthvalue(k).values
+        rows.append(tv * (tv.abs() >= kth))
+    trimmed = torch.vstack(rows)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())  # resolve_zero_signs(..., "majority")
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    counts = (selected != 0).sum(dim=0).float()
+    merged = torch.sum(selected, dim=0) / torch.clamp(counts, min=1)
+    flat = flat_ptm + lam * merged
+    out, start = {}, 0
+    for key in keys:
+        out[key] = flat[start:start + base[key].numel()].reshape(base[key].shape)
+        start += base[key].numel()
+    return out
+
+
+YADAV_SHAPES = {"a.weight": (16, 8), "b.bias": (8,), "c.weight": (5, 7, 3), "d.weight": (33,)}
+
+
+def _yadav_inputs(values: str, count: int, seed: int) -> tuple[dict, list[dict]]:
+    """A base and ``count`` fine-tunes. "grid": every value a multiple of 1/64, deltas of -3..3
+    sixty-fourths (exact differences: huge tie groups at every threshold, many zeros, and
+    exact cancellations between models, the zero-sum sign elections); "randn": no ties."""
+    gen = torch.Generator().manual_seed(seed)
+    base, models = {}, [{} for _ in range(count)]
+    for name, shape in YADAV_SHAPES.items():
+        if values == "grid":
+            base[name] = torch.randint(-64, 64, shape, generator=gen) / 64
+            deltas = [torch.randint(-3, 4, shape, generator=gen) / 64 for _ in range(count)]
+            flip = torch.rand(shape, generator=gen) < 0.2
+            deltas[1] = torch.where(flip, -deltas[0], deltas[1])  # exact cancellations
+        else:
+            base[name] = torch.randn(shape, generator=gen)
+            deltas = [0.01 * torch.randn(shape, generator=gen) for _ in range(count)]
+        for model, delta in zip(models, deltas, strict=True):
+            model[name] = base[name] + delta
+    return base, models
+
+
+def _write_raw(directory: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> Path:
+    directory.mkdir(parents=True)
+    save_file({k: v.to(dtype) for k, v in tensors.items()}
+              | {"position_ids": torch.arange(4)},  # not floating: copied from the base
+              directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
+    return directory
+
+
+@pytest.mark.parametrize(("values", "dtype", "densities", "lams"), [
+    ("grid", torch.float32, [0.3, 0.3, 0.3], [1.0, 0.7]),
+    ("grid", torch.float32, [0.2, 0.6, 1.0], [1.0]),
+    ("grid", torch.float32, [0.9, 0.95, 0.9], [1.0]),  # thresholds at 0: zeros "kept"
+    ("randn", torch.float32, [0.1, 0.5, 0.3], [1.0, 0.7]),
+    ("grid", torch.bfloat16, [0.3, 0.4, 0.3], [0.7]),
+])
+def test_ties_yadav_equals_the_reference_algorithm(values, dtype, densities, lams, tmp_path):
+    from workflow.merge.engine import merge_many
+
+    base, models = _yadav_inputs(values, len(densities), seed=len(lams) + int(10 * densities[0]))
+    # The reference runs on the values the engine reads (bf16 inputs: their float32 upcast).
+    base = {k: v.to(dtype).float() for k, v in base.items()}
+    models = [{k: v.to(dtype).float() for k, v in m.items()} for m in models]
+    dirs = [_write_raw(tmp_path / f"m{i}", m, dtype) for i, m in enumerate([base, *models])]
+    roles = ["ct"] * (len(densities) - 1) + ["sft"]
+    recipes = [{"stage": "merge", "version": "1", "method": "ties_yadav",
+                "params": {"lambda": lam}, "base": "b",
+                "models": [{"role": r, "density": d} for r, d in zip(roles, densities,
+                                                                      strict=True)]}
+               for lam in lams]
+    outs = [tmp_path / f"out{j}" for j in range(len(lams))]
+    merge_many(recipes, dirs[0], dirs[1:], outs)  # a sweep: the statistics are shared
+    for lam, out in zip(lams, outs, strict=True):
+        want = _yadav_reference(base, models, densities, lam)
+        got = load_file(out / "model.safetensors")
+        assert torch.equal(got.pop("position_ids"), torch.arange(4))
+        assert got.keys() == want.keys()
+        for key in want:
+            assert _same_bits(got[key], want[key].to(dtype)), key
+        assert not (out / "mergekit.yaml").exists()
+    if values == "grid" and densities[0] == densities[1] == 0.3:
+        # The case exercises what it should: ties at the threshold keep more than k + 1
+        # entries, and zero-sum elections with nonzero entries fall to the majority sign.
+        tvs = torch.vstack([torch.cat([m[k].reshape(-1) - base[k].reshape(-1)
+                                       for k in sorted(base)]) for m in models])
+        kth = tvs.abs().kthvalue(tvs.shape[1] - int(0.3 * tvs.shape[1]), dim=1,
+                                 keepdim=True).values
+        assert int((tvs[0].abs() >= kth[0]).sum()) > int(0.3 * tvs.shape[1]) + 1
+        trimmed = tvs * (tvs.abs() >= kth)
+        sign = torch.sign(trimmed.sum(dim=0))
+        assert int(((sign == 0) & (trimmed != 0).any(dim=0)).sum()) > 0
+        assert int(torch.sign(sign.sum())) == -1  # mergekit's rule (+1 on a zero sum) differs
+
+
+def test_ties_yadav_trims_over_the_whole_model_not_per_tensor(tmp_path):
+    """A model whose task vector is large in one tensor and tiny in another: the whole-model
+    top-k keeps nothing of the tiny one; mergekit's per-tensor ties keeps a share of each."""
+    base = {"big.weight": torch.zeros(100), "small.weight": torch.zeros(100)}
+    gen = torch.Generator().manual_seed(0)
+    ct = {"big.weight": 1 + torch.rand(100, generator=gen),
+          "small.weight": 0.01 * torch.rand(100, generator=gen)}
+    sft = {k: v * 0.5 for k, v in ct.items()}
+    dirs = [_write_raw(tmp_path / n, m, torch.float32)
+            for n, m in (("base", base), ("ct", ct), ("sft", sft))]
+    models = [{"role": "ct", "density": 0.4}, {"role": "sft", "density": 0.4}]
+    for method in ("ties_yadav", "ties"):
+        recipe = {"stage": "merge", "version": "1", "method": method, "params": {},
+                  "base": "b", "models": models}
+        merge_models(recipe, dirs[0], dirs[1:], tmp_path / method)
+    yadav = load_file(tmp_path / "ties_yadav" / "model.safetensors")
+    per_tensor = load_file(tmp_path / "ties" / "model.safetensors")
+    assert int((yadav["small.weight"] != 0).sum()) == 0
+    assert int((yadav["big.weight"] != 0).sum()) == 81  # k + 1 of 200 entries at density 0.4
+    assert int((per_tensor["small.weight"] != 0).sum()) == 40
+    # Its diagnostics count the SFT mass over the entries the whole-model trim kept: all kept
+    # (CT and SFT agree everywhere), though nothing of the small tensor survives.
+    diagnostics = read_json(tmp_path / "ties_yadav" / "diagnostics.json")
+    assert "whole-model threshold" in diagnostics["definitions"]["sft_topk_mass_kept"]
+    assert diagnostics["overall"]["sft_topk_mass_kept"] == 1.0
+    assert diagnostics["tensors"]["small.weight"]["trimmed"] == 1.0

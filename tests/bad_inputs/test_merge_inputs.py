@@ -99,7 +99,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 PARAMS = ALL_METHOD_PARAMS
 # Methods whose non-finite outputs are exactly the non-finite input entries; the others take
 # whole-tensor norms or sums (slerp, model_stock, L1 rescaling): one NaN spoils the tensor.
-ENTRYWISE = {"linear", "task_arithmetic", "ties", "ties_sv", "breadcrumbs", "breadcrumbs_ties"}
+ENTRYWISE = {"linear", "task_arithmetic", "ties", "ties_sv", "ties_yadav", "breadcrumbs",
+             "breadcrumbs_ties"}
 
 
 def test_the_method_table_covers_the_registry():

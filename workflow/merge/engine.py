@@ -10,6 +10,11 @@ mapped; the kernels write merged values straight into it. Peak process memory is
 chunk buffers (streaming methods) or a few float32 copies of the largest tensor (the others),
 whatever the model size.
 
+Whole-model methods. ties_yadav's top-k threshold and majority sign are properties of the whole
+model: before the merge pass, :func:`_whole_model_contexts` streams every floating tensor
+(checked for NaN/Inf on the way) through :func:`~workflow.merge.kernels.whole_model_statistics`,
+one tensor at a time, once per density set of the sweep.
+
 Sweeps. :func:`merge_many` merges several recipes over the same inputs in one pass: each tensor
 is read once; variants that differ only in ``lambda`` share all the math up to the final scaling.
 
@@ -62,12 +67,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from workflow.artifacts import atomic_dir, read_json, write_json, write_recipe
-from workflow.merge.kernels import NonFiniteInput, stream_merge, stream_plan
+from workflow.merge.kernels import (
+    NonFiniteInput,
+    stream_merge,
+    stream_plan,
+    whole_model_statistics,
+)
 from workflow.merge.methods import (
     DIAGNOSTIC_KEYS,
     MERGE_METHODS,
     DiagnosticCounts,
-    Sparsification,
     aggregate_diagnostics,
     delta_diagnostics,
     resolve_merge_spec,
@@ -105,6 +114,13 @@ DIAGNOSTIC_DEFINITIONS = {
     "trimmed": "of entries some input changed, the fraction the merge left at the base value",
 }
 assert set(DIAGNOSTIC_DEFINITIONS) == set(DIAGNOSTIC_KEYS)
+# Whole-model methods (ties_yadav) count the SFT mass over the entries their merge kept.
+WHOLE_MODEL_DEFINITIONS = {
+    **DIAGNOSTIC_DEFINITIONS,
+    "sft_topk_mass_kept": "share of the |delta| mass of the SFT delta's kept entries (|delta| >= "
+                          "its whole-model threshold) where the merged delta is nonzero with the "
+                          "SFT sign",
+}
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -531,6 +547,7 @@ class Variant:
     ct_indices: list[int]
     diag_density: float
     counts: dict[str, DiagnosticCounts] = field(default_factory=dict)
+    context: dict[str, Any] | None = None  # whole-model statistics (ties_yadav)
 
 
 # A diagnostics-only merge (materialize: false) carries the merge's recipe under its own stage.
@@ -554,10 +571,8 @@ def _spec_from_recipe(recipe: Mapping[str, Any]) -> tuple[str, dict[str, Any], l
 def resolve_variant(recipe: dict) -> Variant:
     method_name, raw_params, models = _spec_from_recipe(recipe)
     params, per_model, task_index = resolve_merge_spec(method_name, raw_params, models)
-    sparsifies = MERGE_METHODS[method_name].fixed.get("sparsification", Sparsification.NONE) \
-        is not Sparsification.NONE
     diag_density = (per_model[task_index].get("density", 1.0)
-                    if task_index is not None and sparsifies else 1.0)
+                    if task_index is not None and MERGE_METHODS[method_name].trims else 1.0)
     return Variant(recipe, method_name, params, per_model, task_index,
                    [i for i, m in enumerate(models) if m["role"] == "ct"], diag_density)
 
@@ -599,7 +614,8 @@ def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoin
     groups: dict[tuple, list[int]] = {}
     fallback: list[int] = []
     for j, v in enumerate(variants):
-        splan = stream_plan(MERGE_METHODS[v.method], v.params, v.per_model, v.task_index)
+        splan = stream_plan(MERGE_METHODS[v.method], v.params, v.per_model, v.task_index,
+                            v.context)
         if splan is None:
             fallback.append(j)
         else:
@@ -652,7 +668,7 @@ def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoin
     for j in fallback:
         v = variants[j]
         merged = MERGE_METHODS[v.method](bd, xd, v.params, v.per_model, v.task_index,
-                                         tensor_name=plan.name)
+                                         tensor_name=plan.name, context=v.context)
         outs[j].copy_(merged.reshape(outs[j].shape))
         if diagnostics and v.task_index is not None:
             b32 = bd.float()
@@ -661,9 +677,47 @@ def _merge_tensor(plan: TensorPlan, base: Checkpoint, inputs: Sequence[Checkpoin
                 merged.float() - b32, v.diag_density)
 
 
+def _whole_model_contexts(variants: Sequence[Variant], base: Checkpoint,
+                          inputs: Sequence[Checkpoint], plans: Sequence[TensorPlan],
+                          device: torch.device, allow_nonfinite: bool) -> None:
+    """Set the whole-model statistics of each ``whole_model`` variant (ties_yadav): passes over
+    every floating tensor, one at a time, before the merge (no tensor is held past its turn).
+
+    The tensors are exactly what the merge pass gives the method (the rows the base has, inputs
+    cast to the base dtype), and they are checked for NaN/Inf on the first pass, so a bad input
+    fails before any statistics are spent on it."""
+    wanted = [v for v in variants if MERGE_METHODS[v.method].whole_model]
+    if not wanted:
+        return
+    density_sets = list(dict.fromkeys(tuple(m["density"] for m in v.per_model) for v in wanted))
+    checked: set[str] = set()
+
+    def tensors() -> Any:
+        for plan in plans:
+            b = base.get(plan.name)
+            if not b.is_floating_point() or b.numel() == 0:
+                continue
+            xs = [ck.get(source) for ck, source in zip(inputs, plan.sources, strict=True)]
+            if plan.name not in checked:
+                checked.add(plan.name)
+                if not allow_nonfinite:
+                    _check_finite(plan, base, b, inputs, xs, allow_nonfinite=False)
+            if plan.base_rows is not None:
+                xs = [x[: b.shape[0]] for x in xs]
+            yield b.to(device), [x.to(device, dtype=b.dtype) for x in xs]
+
+    log.info("whole-model top-k statistics for %d density set(s): 3 passes over the inputs",
+             len(density_sets))
+    contexts = dict(zip(density_sets, whole_model_statistics(tensors, density_sets),
+                        strict=True))
+    for v in wanted:
+        v.context = contexts[tuple(m["density"] for m in v.per_model)]
+
+
 def _run(variants: Sequence[Variant], base: Checkpoint, inputs: Sequence[Checkpoint],
          plans: Sequence[TensorPlan], sinks: Sequence[Any], device: torch.device,
          diagnostics: bool, allow_nonfinite: bool = False) -> None:
+    _whole_model_contexts(variants, base, inputs, plans, device, allow_nonfinite)
     label = ",".join(sorted({v.method for v in variants}))
     for plan in tqdm(plans, desc=f"merge ({label} x{len(variants)})", unit="tensor",
                      mininterval=1.0):
@@ -784,7 +838,8 @@ def merge_many(recipes: Sequence[dict], base_dir: Path, model_dirs: Sequence[Pat
                     "method": v.method,
                     "params": v.params,
                     "sft_density": v.diag_density if v.task_index is not None else None,
-                    "definitions": DIAGNOSTIC_DEFINITIONS,
+                    "definitions": WHOLE_MODEL_DEFINITIONS
+                    if MERGE_METHODS[v.method].whole_model else DIAGNOSTIC_DEFINITIONS,
                     **aggregate_diagnostics(v.counts),
                 })
             yaml_text = mergekit_yaml(v.recipe, base_dir, model_dirs,

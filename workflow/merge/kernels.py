@@ -1,4 +1,5 @@
-"""Streaming kernels: the hot methods (linear, task_arithmetic, ties, ties_sv) chunk by chunk.
+"""Streaming kernels: the hot methods (linear, task_arithmetic, ties, ties_sv, ties_yadav) chunk
+by chunk.
 
 They compute exactly what the reference functions in :mod:`workflow.merge.methods` compute, op for
 op in float32 (tests check bit equality), but:
@@ -39,18 +40,27 @@ op in float32 (tests check bit equality), but:
 
 Inputs are flat 1-D tensors (any float dtype, possibly read-only mmap views); outputs are flat
 tensors of the output dtype, written in place.
+
+ties_yadav trims over the whole model, so its thresholds cannot come from one tensor:
+:func:`whole_model_statistics` streams the model's tensors three times before the merge (two
+passes of an exact radix selection on the float32 bits of |tau|, :class:`MagnitudeSelection`,
+then one counting the elected signs for the majority), in chunks on the worker threads, holding
+a few 65,536-bin histograms per model and one tensor at a time. Its merge pass is this TIES
+kernel with weights 1, the given thresholds (keep ``>=``, every tie) and the majority sign for
+zero sums. Measured: 1.6x the time of a per-tensor ties merge of the same inputs (117M bf16
+parameters, two models, density 0.5, on 2 shared CPU cores).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -110,17 +120,33 @@ class StreamPlan:
     normalize: bool
     task_index: int | None
     slack: float
+    # ties_yadav: per model, keep |tau| >= threshold (whole-model values, -inf: keep all) ...
+    thresholds: tuple[float, ...] | None = None
+    # ... and the sign elected where the sum is exactly 0 (+1 or -1; None: the sum's sign bit).
+    zero_sign: float | None = None
 
     @property
     def key(self) -> tuple:
         return (self.linear, self.weights, self.densities, self.trim, self.consensus,
-                self.normalize, self.task_index, self.slack)
+                self.normalize, self.task_index, self.slack, self.thresholds, self.zero_sign)
 
 
 def stream_plan(method: MergeMethod, params: dict, per_model: Sequence[dict],
-                task_index: int | None) -> StreamPlan | None:
-    """The streaming plan of a method and resolved params, or None where only the reference
-    function applies (random, breadcrumbs, rescale, slerp, model_stock)."""
+                task_index: int | None,
+                context: Mapping[str, Any] | None = None) -> StreamPlan | None:
+    """The streaming plan of a method and resolved params (``context``: a whole-model method's
+    statistics), or None where only the reference function applies (random, breadcrumbs,
+    rescale, slerp, model_stock)."""
+    if method.kernel.__name__ == "ties_yadav":
+        if context is None:
+            return None
+        # Unweighted disjoint mean: TIES with weights 1 and given thresholds; a zero-sum
+        # election takes the majority sign (0 elects the negative side, as the reference).
+        m = len(per_model)
+        return StreamPlan(False, (1.0,) * m, tuple(float(d["density"]) for d in per_model),
+                          True, True, True, None, 0.0,
+                          thresholds=tuple(float(t) for t in context["thresholds"]),
+                          zero_sign=1.0 if context["majority"] > 0 else -1.0)
     if method.kernel.__name__ not in ("linear", "generalized_task_arithmetic"):
         return None
     weights = tuple(float(m["weight"]) for m in per_model)
@@ -380,6 +406,179 @@ def _keep_sets_many(xs: Sequence[Tensor], base: Tensor, ks: Sequence[Sequence[in
 
 
 # --------------------------------------------------------------------------------------------
+# Whole-model top-k (ties_yadav)
+# --------------------------------------------------------------------------------------------
+
+_RADIX = 1 << 16
+
+
+class MagnitudeSelection:
+    """Exact order statistics of the float32 magnitudes of a stream of tensors, in two passes
+    and O(1) memory: a radix selection on the bits.
+
+    A non-negative float32 orders like its bits read as an integer, so pass 1 counts the top 16
+    bits of every magnitude (:meth:`count_high`); :meth:`choose` finds, for each wanted rank,
+    the bin it falls in, and pass 2 counts the low 16 bits inside those bins only
+    (:meth:`count_low`); :meth:`value` reads the exact value off the two histograms. Ties need
+    no care: the value is what is selected, and every entry equal to it is kept (``>=``, as the
+    reference does). NaN magnitudes count as 0: they rank at the bottom, and a threshold at 0
+    keeps everything anyway (a mask cannot remove NaN). The counting is split into pure
+    functions (:meth:`high_counts`, :meth:`low_counts`) and sums (:meth:`add_high`,
+    :meth:`add_low`) so that chunks can be counted on worker threads.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._high = np.zeros(_RADIX, dtype=np.int64)
+        self._low: dict[int, np.ndarray] = {}  # high bin -> histogram of the low bits
+        self._where: dict[int, tuple[int, int]] = {}  # rank -> (high bin, rank inside it)
+
+    @staticmethod
+    def _keys(magnitude: Tensor) -> Tensor:
+        flat = magnitude.reshape(-1).float()
+        if nan_count(flat):
+            flat = torch.where(torch.isnan(flat), 0.0, flat)
+        return flat.contiguous().view(torch.int32)
+
+    @staticmethod
+    def _bincount(keys: Tensor) -> np.ndarray:
+        # torch's bincount takes int32 as it is (numpy's casts first: measured 10x slower).
+        return keys.bincount(minlength=_RADIX).cpu().numpy()
+
+    @staticmethod
+    def high_counts(magnitude: Tensor) -> np.ndarray:
+        """Pass 1 of some magnitudes: the histogram of their top 16 bits."""
+        keys = MagnitudeSelection._keys(magnitude)
+        return MagnitudeSelection._bincount(keys >> 16) if keys.numel() else \
+            np.zeros(_RADIX, dtype=np.int64)
+
+    @property
+    def bins(self) -> list[int]:
+        """The high bins pass 2 counts inside (after :meth:`choose`)."""
+        return list(self._low)
+
+    @staticmethod
+    def low_counts(magnitude: Tensor, bins: Sequence[int]) -> dict[int, np.ndarray]:
+        """Pass 2 of some magnitudes: per high bin, the histogram of the low 16 bits inside."""
+        keys = MagnitudeSelection._keys(magnitude)
+        high = keys >> 16
+        counts = {}
+        for bin_ in bins:
+            inside = keys[high == bin_]
+            if inside.numel():
+                counts[bin_] = MagnitudeSelection._bincount(inside & 0xFFFF)
+        return counts
+
+    def add_high(self, counts: np.ndarray) -> None:
+        self.n += int(counts.sum())
+        self._high += counts
+
+    def add_low(self, counts: Mapping[int, np.ndarray]) -> None:
+        for bin_, histogram in counts.items():
+            self._low[bin_] += histogram
+
+    def count_high(self, magnitude: Tensor) -> None:
+        """Pass 1: count the top 16 bits of each magnitude."""
+        self.add_high(self.high_counts(magnitude))
+
+    def choose(self, ranks: Iterable[int]) -> None:
+        """After pass 1: the 1-based ascending ranks (1 <= rank <= n) :meth:`value` will give."""
+        cumulative = np.cumsum(self._high)
+        for rank in ranks:
+            if not 1 <= rank <= self.n:
+                raise ValueError(f"rank {rank} outside 1..{self.n}")
+            high = int(np.searchsorted(cumulative, rank))  # the first bin reaching the rank
+            before = int(cumulative[high - 1]) if high else 0
+            self._where[rank] = (high, rank - before)
+            self._low.setdefault(high, np.zeros(_RADIX, dtype=np.int64))
+
+    def count_low(self, magnitude: Tensor) -> None:
+        """Pass 2 (same tensors as pass 1): count the low 16 bits inside the chosen bins."""
+        self.add_low(self.low_counts(magnitude, self.bins))
+
+    def value(self, rank: int) -> float:
+        """The rank-th smallest magnitude (after both passes)."""
+        high, within = self._where[rank]
+        low = int(np.searchsorted(np.cumsum(self._low[high]), within))
+        return float(np.array([(high << 16) | low], dtype=np.int32).view(np.float32)[0])
+
+
+STATS_CHUNK = 1 << 20  # elements per work item of the statistics passes
+
+
+def whole_model_statistics(tensors: Callable[[], Iterable[tuple[Tensor, list[Tensor]]]],
+                           density_sets: Sequence[Sequence[float]],
+                           chunk: int = STATS_CHUNK) -> list[dict[str, Any]]:
+    """ties_yadav's whole-model statistics, streamed: three passes over ``tensors()``, which
+    yields (base, models) per merged tensor (the same tensors, in the same order, each time).
+
+    For each density set (one density per model) returns the kernel's context: per model
+    ``thresholds`` (the (n - k)-th smallest |tau| over all n merged entries, k = int(d n);
+    -inf where k == n) and ``majority`` (sign of #positive - #negative elected signs
+    ``sign(sum_i tau_hat_i)`` over the whole model, :func:`~workflow.merge.methods.
+    yadav_trimmed` on each chunk). Each tensor is counted in chunks on the worker threads
+    (counts are integers: the result does not depend on the order). Memory: a few histograms
+    per model, one tensor's chunks at a time. Only models some density trims are selected over.
+    """
+    from workflow.merge.methods import yadav_keep_count, yadav_sign_counts, yadav_trimmed
+
+    models = len(density_sets[0]) if density_sets else 0
+    trimmed_models = sorted({i for ds in density_sets for i, d in enumerate(ds) if d < 1})
+    selections = {i: MagnitudeSelection() for i in trimmed_models}
+
+    def each_chunk(fn: Callable[[Tensor, list[Tensor]], T]) -> Iterator[T]:
+        """``fn`` of every chunk of every tensor, base and models sliced alike."""
+        for base, xs in tensors():
+            b, flat = base.reshape(-1), [x.reshape(-1) for x in xs]
+            n = b.numel()
+
+            def one(start: int, b: Tensor = b, flat: list[Tensor] = flat, n: int = n) -> T:
+                end = min(n, start + chunk)
+                return fn(b[start:end], [x[start:end] for x in flat])
+
+            yield from _map(one, range(0, n, chunk), b.device)
+
+    def magnitudes(b: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        b32 = b.float()
+        return [(xs[i].float() - b32).abs_() for i in trimmed_models]
+
+    ranks: dict[tuple[int, float], int | None] = {}
+    if selections:
+        for found in each_chunk(lambda b, xs: [MagnitudeSelection.high_counts(m)
+                                               for m in magnitudes(b, xs)]):
+            for i, counts in zip(trimmed_models, found, strict=True):
+                selections[i].add_high(counts)
+        for ds in density_sets:
+            for i in trimmed_models:
+                n = selections[i].n
+                k = yadav_keep_count(ds[i], n)
+                ranks[(i, ds[i])] = n - k if k < n else None
+        for i in trimmed_models:
+            selections[i].choose({r for (j, _), r in ranks.items() if j == i and r})
+        bins = [selections[i].bins for i in trimmed_models]
+        for found in each_chunk(lambda b, xs: [
+                MagnitudeSelection.low_counts(m, chosen)
+                for m, chosen in zip(magnitudes(b, xs), bins, strict=True)]):
+            for i, counts in zip(trimmed_models, found, strict=True):
+                selections[i].add_low(counts)
+    thresholds = []
+    for ds in density_sets:
+        row = []
+        for i in range(models):
+            rank = ranks.get((i, ds[i]))
+            row.append(selections[i].value(rank) if rank else -math.inf)
+        thresholds.append(row)
+    totals = [[0, 0] for _ in density_sets]
+    for found in each_chunk(lambda b, xs: [yadav_sign_counts(yadav_trimmed(b, xs, row))
+                                           for row in thresholds]):
+        for total, (positive, negative) in zip(totals, found, strict=True):
+            total[0] += positive
+            total[1] += negative
+    return [{"thresholds": row, "majority": (pos > neg) - (pos < neg)}
+            for row, (pos, neg) in zip(thresholds, totals, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------------------------
 
@@ -450,7 +649,10 @@ def stream_merge(
     keeps: list[Keep] = [Keep.everything()] * m
     protect: Keep | None = None
     task = plan.task_index
-    if plan.trim:
+    if plan.thresholds is not None:
+        # Keep every entry >= its threshold: a tie cut past the end.
+        keeps = [Keep(t, n) if t != -math.inf else Keep.everything() for t in plan.thresholds]
+    elif plan.trim:
         ks: list[list[int]] = []
         for i in range(m):
             ks.append([])
@@ -534,6 +736,8 @@ def stream_merge(
                     # +1 where total >= 0, else -1. copysign gives -1 at total == -0.0 too, but
                     # a sum is -0.0 only where every v is, and then no v agrees with any sign.
                     sign = torch.copysign(buf.ones[:c], total, out=buf.tmp[:c])
+                    if plan.zero_sign is not None:
+                        sign.masked_fill_(total == 0, plan.zero_sign)
                 # v agrees with the elected sign iff v * sign > 0 (sign is +1/-1).
                 mixed, divisor = buf.mixed[:c], buf.divisor[:c]
                 for i in range(m):
@@ -556,6 +760,10 @@ def stream_merge(
                     else:
                         divisor.masked_fill_(divisor == 0, 1)
                     mixed /= divisor
+                if plan.zero_sign is not None:
+                    # The reference's sum starts from +0, so its zeros are +0.0 (a base entry
+                    # of -0.0 keeps that sign otherwise): adding +0.0 changes nothing else.
+                    mixed += 0.0
             else:
                 mixed = total
                 if plan.normalize:

@@ -3,7 +3,8 @@
 ``mergekit-yaml`` run on this file with the same inputs reproduces our merge (to fp32 rounding on
 float32 models) for linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, slerp and
 model_stock; dare_* and della* match in distribution only (mergekit draws from the global RNG,
-we from per-tensor seeded generators). ties_sv has no mergekit counterpart: no file is written.
+we from per-tensor seeded generators). ties_sv and ties_yadav have no mergekit counterpart: no
+file is written.
 """
 
 from __future__ import annotations

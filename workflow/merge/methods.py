@@ -1,8 +1,8 @@
 """Merge methods: small pure functions of tensors in and a tensor out, registered by name.
 
 These are the reference implementations: whole tensors in, one tensor out, written to be read.
-The engine runs the hot ones (linear, task_arithmetic, ties, ties_sv) through streaming kernels
-in :mod:`workflow.merge.kernels` that give bit-identical results (tested).
+The engine runs the hot ones (linear, task_arithmetic, ties, ties_sv, ties_yadav) through
+streaming kernels in :mod:`workflow.merge.kernels` that give bit-identical results (tested).
 
 Semantics and defaults follow mergekit 0.1.5 (``merge_methods/linear.py``, ``slerp.py``,
 ``model_stock.py``, ``generalized_task_arithmetic.py``, ``sparsify.py``, ``registry.py``).
@@ -14,6 +14,15 @@ densities ``d_i``, scale ``lambda``.
   and della_linear are configured instances of one generalized task arithmetic
   (:func:`generalized_task_arithmetic`): a sparsification kind, a sign-consensus kind, and
   normalize/rescale defaults, as in mergekit's registry.
+- ties_yadav: TIES as Yadav et al. 2023's reference code (github prateeky2806/ties-merging)
+  rather than as mergekit: top-k over the whole model's task vector (one magnitude threshold per
+  model, found by a streaming pass over every tensor first, :class:`MergeMethod.whole_model`),
+  an unweighted sign election whose zero sums take the whole model's majority sign, and the
+  disjoint mean (:func:`ties_yadav`). mergekit's ``ties`` trims each tensor on its own and elects
+  the sign of the weighted sum (+1 on a zero sum).
+- ties_sv: not a published formula but this project's reading of Tao et al. 2024's slack
+  variable (see :func:`generalized_task_arithmetic`): ties, except that where the SFT model's
+  top-``slack`` magnitudes disagree with the elected sign, the SFT sign is elected.
 - slerp: spherical interpolation of two models' whole tensors (``t`` towards the second).
 - model_stock (Jang et al. 2024): interpolation between the base and the models' average by the
   cosine between their task vectors.
@@ -258,7 +267,8 @@ def generalized_task_arithmetic(
     epsilons: Sequence[float] | None = None,
     generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """Generalized task arithmetic (mergekit's GTA), with the TIES-SV slack.
+    """Generalized task arithmetic (mergekit's GTA), with the TIES-SV slack (this project's
+    reading of Tao et al. 2024's slack variable, not a formula from the paper).
 
     With ``tau_hat_i = sparsify(tau_i, d_i)`` and ``v_i = w_i * tau_hat_i``:
 
@@ -315,6 +325,67 @@ def generalized_task_arithmetic(
     if lam != 1:
         mixed = mixed * lam
     return (b + mixed).to(base.dtype)
+
+
+def yadav_keep_count(density: float, numel: int) -> int:
+    """The reference's k for a whole task vector of ``numel`` entries: ``int(density * numel)``.
+
+    Yadav et al.'s ``topk_values_mask`` keeps ``|tau| >= kthvalue(numel - k)``, the (k+1)-th
+    largest magnitude: k + 1 entries plus every tie at that value (k == numel keeps all)."""
+    return int(density * numel)
+
+
+def yadav_trimmed(base: Tensor, tensors: Sequence[Tensor],
+                  thresholds: Sequence[float]) -> Tensor:
+    """The trimmed task vectors of one tensor, stacked (models x entries, float32):
+    ``tau_i * (|tau_i| >= t_i)`` with ``t_i`` model i's whole-model threshold (-inf keeps all).
+    A mask cannot remove NaN (NaN * 0 is NaN): NaN inputs stay NaN, as in the reference."""
+    b = base.float().reshape(-1)
+    rows = []
+    for x, threshold in zip(tensors, thresholds, strict=True):
+        tau = x.float().reshape(-1) - b
+        rows.append(tau if threshold == -math.inf else tau * (tau.abs() >= threshold))
+    return torch.stack(rows)
+
+
+def yadav_sign_counts(trimmed: Tensor) -> tuple[int, int]:
+    """(positive, negative) counts of ``sign(sum_i tau_hat_i)`` over one tensor: the whole-model
+    sums give the majority sign that breaks zero-sum elections (NaN sums count as neither)."""
+    total = trimmed.sum(dim=0)
+    return int((total > 0).count_nonzero()), int((total < 0).count_nonzero())
+
+
+def ties_yadav(base: Tensor, tensors: Sequence[Tensor], *, densities: Sequence[float],
+               lam: float, thresholds: Sequence[float], majority: int) -> Tensor:
+    """TIES as Yadav et al. 2023's reference code (github prateeky2806/ties-merging,
+    ``merge_methods("topk", ..., resolve_method="mass", merge_func="dis-mean")``), one tensor.
+
+    The whole-model quantities come from passes over every tensor before the merge (the
+    engine's :func:`~workflow.merge.kernels.whole_model_statistics`):
+
+    - ``thresholds[i]``: the (n_i - k_i)-th smallest |tau_i| over the model's n_i merged
+      entries, ``k_i = int(d_i * n_i)`` (:func:`yadav_keep_count`; -inf where k_i == n_i);
+      ``tau_hat_i = tau_i * (|tau_i| >= thresholds[i])``.
+    - ``gamma = sign(sum_i tau_hat_i)``, unweighted; where the sum is 0 the elected sign is
+      ``majority`` = sign(#positive - #negative gamma over the whole model) (the reference's
+      ``resolve_zero_signs(..., "majority")``; 0 elects the negative side, as there).
+    - ``tau_m = sum_i tau_hat_i [sign(tau_hat_i) = gamma] / max(1, #{i: agreeing, nonzero})``.
+    - ``out = base + lambda * tau_m``, cast to the base dtype.
+
+    ``densities`` only shaped ``thresholds``; they are accepted so the registry passes every
+    parameter the same way.
+    """
+    del densities
+    trimmed = yadav_trimmed(base, tensors, thresholds)
+    total = trimmed.sum(dim=0)
+    sign = torch.sign(total)
+    sign[sign == 0] = float(majority)
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    counts = (selected != 0).sum(dim=0).float()
+    merged = torch.sum(selected, dim=0) / torch.clamp(counts, min=1)
+    out = base.float().reshape(-1) + lam * merged
+    return out.reshape(base.shape).to(base.dtype)
 
 
 def slerp(base: Tensor, tensors: Sequence[Tensor], *, t: float, dot_threshold: float = 0.9995,
@@ -454,7 +525,9 @@ class MergeMethod:
 
     ``fixed`` are keyword arguments that configure the kernel (the GTA variants), ``params``
     the recipe's global parameters and ``model_params`` the per-model ones (passed to the
-    kernel as lists in model order).
+    kernel as lists in model order). A ``whole_model`` method also needs quantities of the
+    whole model (ties_yadav: its global top-k thresholds and majority sign), which the engine
+    computes in a pass of its own and passes as ``context``.
     """
 
     name: str
@@ -467,20 +540,35 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     mergekit: bool = True  # mergekit 0.1.5 has a method of this name and semantics
+    whole_model: bool = False  # needs whole-model statistics (see __call__'s ``context``)
 
     @property
     def random(self) -> bool:
         return any(p.name == "seed" for p in self.params)
 
+    @property
+    def trims(self) -> bool:
+        """Whether the method sparsifies task vectors by their ``density``."""
+        return self.whole_model or self.fixed.get("sparsification",
+                                                  Sparsification.NONE) is not Sparsification.NONE
+
     def __call__(self, base: Tensor, tensors: Sequence[Tensor], params: Mapping[str, Any],
                  model_params: Sequence[Mapping[str, Any]],
-                 task_index: int | None = None, tensor_name: str = "") -> Tensor:
+                 task_index: int | None = None, tensor_name: str = "",
+                 context: Mapping[str, Any] | None = None) -> Tensor:
         """Merge one tensor; ``params``/``model_params`` are resolved (see resolve_merge_spec).
 
-        ``tensor_name`` seeds the random methods (with the recipe's ``seed``)."""
+        ``tensor_name`` seeds the random methods (with the recipe's ``seed``); ``context``
+        holds the whole-model statistics of a ``whole_model`` method."""
         if not base.is_floating_point():
             return base.clone()
         kwargs: dict[str, Any] = dict(self.fixed)
+        if self.whole_model:
+            if context is None:
+                raise ValueError(f"merge method {self.name!r} trims over the whole model and "
+                                 "needs its statistics (workflow.merge.kernels."
+                                 "whole_model_statistics) as context")
+            kwargs.update(context)
         for spec in self.params:
             if spec.name != "seed":
                 kwargs[spec.arg] = params[spec.name]
@@ -542,6 +630,11 @@ MERGE_METHODS: dict[str, MergeMethod] = {
              normalize=True, rescale=True),
         _gta("della_linear", "https://arxiv.org/abs/2406.11617", _S.DELLA_MAGPRUNE, _C.NONE,
              normalize=False, rescale=True),
+        # Yadav et al.'s reference code: whole-model top-k, unweighted election (no weights).
+        MergeMethod("ties_yadav", "Yadav et al. 2023, https://arxiv.org/abs/2306.01708, as "
+                    "github.com/prateeky2806/ties-merging", ties_yadav,
+                    params=(_lambda(),), model_params=(_density(),), whole_model=True,
+                    mergekit=False),
         MergeMethod("slerp", "https://en.wikipedia.org/wiki/Slerp", slerp,
                     params=(ParamSpec("t", "t", REQUIRED, float, lambda v: 0 <= v <= 1,
                                       "in [0, 1]"),),
