@@ -1,8 +1,17 @@
-# Report: scores.csv, paper-style tables and plots over every evaluated model, under
-# results/report/<digest>/ (content-addressed too); results/report/latest points at the
-# report of the last successful run.
+# Report: scores.csv, methods x languages tables with intervals, the papers' claims checked,
+# plots, under results/report/<digest>/ (content-addressed too); results/report/latest points at
+# the report of the last successful run. `snakemake --report report.html` gathers the tables
+# (tables.html), plots and CSV files into one self-contained HTML report.
 
-stage_rules("report")
+report: "../workflow/report/workflow.rst"
+
+REPORT_OPTIONS = dict(
+    patterns=["{name}.png", "{name}.html", "{name}.csv"],
+    caption="../workflow/report/caption.rst",
+    category="lrmerge report",
+)
+
+stage_rules("report", report_options=REPORT_OPTIONS)
 
 
 rule verify:

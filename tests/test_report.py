@@ -1,8 +1,10 @@
-"""The report stage on synthetic score files: CSV rows, table cells, plots, timings."""
+"""The report stage on synthetic score files: CSV rows, methods x languages table cells with
+intervals, bold only beyond noise, plots, timings."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -133,7 +135,7 @@ def parse_tables(markdown: str) -> dict[str, pd.DataFrame]:
             header, body = lines[0], lines[2:]
             tables[heading] = pd.DataFrame(body, columns=header).set_index(header[0])
             lines = []
-        if line.startswith("#"):
+        if line.strip():  # a heading, or the caption line of a comparison table
             heading = line.lstrip("#").strip()
     return tables
 
@@ -144,105 +146,129 @@ def find_table(tables: dict[str, pd.DataFrame], *words: str) -> pd.DataFrame:
     return tables[hits[0]]
 
 
-def expected_cells(expected: list, task_kind: str, metric: str, english: bool) -> dict:
-    """The documented cell rule, restated independently of the implementation."""
+SHORT = {"ties": "TIES", "linear": "Linear"}
+TITLES = {"topic": "Topic classification (English labels)",
+          "bpb": "Bits per byte on held-out text", "xnli_eu": "xnli_eu"}
+
+
+def short_label(subject: dict) -> str:
+    names = {"base": "base", "sft": "SFT", "ct": "CT", "ctsft": "CT-then-SFT"}
+    label = names.get(subject["kind"]) or SHORT[subject["method"]]
+    return label + (" multi" if len(subject["langs"]) > 1 else "")
+
+
+def expected_cells(expected: list, task_kind: str, metric: str, english: bool,
+                   tokens: int) -> dict:
+    """The documented cell rule, restated independently of the implementation:
+    (row, language) -> (value, stderr)."""
     cells = {}
     for subject, results, _ in expected:
         for lang in LANGS:
-            for tokens in BUDGETS:
-                if subject["langs"] and (subject["tokens"] != tokens or (
-                        len(subject["langs"]) == 1 and subject["langs"] != [lang])):
-                    continue
-                suite = "en" if english else lang
-                for r in results:
-                    if (r["kind"], r["metric"], r["suite"]) == (task_kind, metric, suite):
-                        cells[(label_of(subject), f"{lang}@{format_tokens(tokens)}")] = r["value"]
+            if subject["langs"] and (subject["tokens"] != tokens or (
+                    len(subject["langs"]) == 1 and subject["langs"] != [lang])):
+                continue
+            suite = "en" if english else lang
+            for r in results:
+                if (r["kind"], r["metric"], r["suite"]) == (task_kind, metric, suite):
+                    cells[(short_label(subject), lang)] = (r["value"], r["stderr"])
     return cells
 
 
-def test_scores_csv_rows_and_columns(report: dict) -> None:
-    frame = pd.read_csv(report["out"] / "scores.csv", keep_default_na=False)
-    assert list(frame.columns) == [
-        "kind", "model", "langs", "tokens", "method", "hparams", "model_digest", "suite",
-        "task", "task_kind", "metric", "value", "stderr", "score_digest", "label"]
-    assert len(frame) == sum(len(results) for _, results, _ in report["expected"])
-    for subject, results, score_digest in report["expected"]:
-        rows = frame[frame["score_digest"] == score_digest]
-        assert len(rows) == len(results)
-        assert set(rows["kind"]) == {subject["kind"]}
-        assert set(rows["model_digest"]) == {subject["model_digest"]}
-        assert set(rows["langs"]) == {"+".join(subject["langs"])}
-        assert set(rows["tokens"].astype(str)) == {"" if subject["tokens"] is None
-                                                   else str(subject["tokens"])}
-        assert set(rows["label"]) == {label_of(subject)}
-        got = sorted(zip(rows["task"], rows["metric"], rows["value"].astype(float),
-                         strict=True))
-        assert got == sorted((r["task"], r["metric"], r["value"]) for r in results)
-    assert (report["out"] / "recipe.json").is_file()
+def cell_text(value: float, stderr: float | None) -> str:
+    return f"{value:.3f}" + ("" if stderr is None else f" \u00b1 {stderr:.3f}")
 
 
-@pytest.mark.parametrize(("words", "task_kind", "metric", "english"), [
-    (("Topic accuracy on the target language",), "topic", "acc", False),
-    (("Bits per byte on the target language", "lower is better"), "bpb", "bits_per_byte",
-     False),
-    (("English retention",), "topic", "acc", True),
-    (("xnli_eu on the target language", "acc;"), "xnli_eu", "acc", False),
+@pytest.mark.parametrize("tokens", BUDGETS)
+@pytest.mark.parametrize(("task_kind", "metric", "english"), [
+    ("topic", "acc", False), ("bpb", "bits_per_byte", False), ("topic", "acc", True),
+    ("xnli_eu", "acc", False),
 ])
-def test_table_cells(report: dict, words: tuple, task_kind: str, metric: str,
-                     english: bool) -> None:
-    table = find_table(parse_tables((report["out"] / "table.md").read_text()), *words)
-    cells = expected_cells(report["expected"], task_kind, metric, english)
+def test_table_cells(report: dict, task_kind: str, metric: str, english: bool,
+                     tokens: int) -> None:
+    where = "English (retention" if english else "the target language"
+    table = find_table(parse_tables((report["out"] / "table.md").read_text()),
+                       f"{TITLES[task_kind]} on {where}", f"CT budget {format_tokens(tokens)} ",
+                       f"{metric};")
+    cells = expected_cells(report["expected"], task_kind, metric, english, tokens)
     rows = sorted({label for label, _ in cells})
     assert sorted(table.index) == rows
-    if task_kind == "xnli_eu":  # only eu is scored: the ca columns are dropped
-        assert list(table.columns) == ["eu@20k", "eu@100k"]
-    else:
-        assert list(table.columns) == ["ca@20k", "ca@100k", "eu@20k", "eu@100k"]  # languages sorted
-    assert list(table.index[:4]) == ["base", "SFT", "CT", "CT-then-SFT"][:len(table.index[:4])] \
-        or task_kind == "xnli_eu"
+    langs = ["eu"] if task_kind == "xnli_eu" else LANGS  # a family scored on eu only
+    assert list(table.columns) == [*sorted(langs), "avg"]
+    if task_kind != "xnli_eu":
+        assert list(table.index[:4]) == ["base", "SFT", "CT", "CT-then-SFT"]
     for label in table.index:
-        for column in table.columns:
-            text = table.at[label, column].strip("*")
-            want = cells.get((label, column))
-            assert text == (MISSING if want is None else f"{want:.3f}"), (label, column)
-    # The best value of each column is bold: smallest for bits per byte, largest otherwise.
-    for column in table.columns:
-        values = {label: float(text.strip("*")) for label, text in table[column].items()
-                  if text != MISSING}
-        if len(values) > 1:
-            best = (min if metric == "bits_per_byte" else max)(values, key=values.get)
-            assert table.at[best, column].startswith("**"), column
+        for lang in langs:
+            text = table.at[label, lang].strip("*")
+            want = cells.get((label, lang))
+            assert text == (MISSING if want is None else cell_text(*want)), (label, lang)
+        # the average column: the mean over languages, the standard error of a mean of
+        # independent test sets (English: one test set, so the mean error)
+        found = [cells.get((label, lang)) for lang in langs]
+        if any(f is None for f in found):
+            assert table.at[label, "avg"] == MISSING
+            continue
+        mean = sum(v for v, _ in found) / len(found)
+        errors = [e for _, e in found]
+        if None in errors:
+            want_avg = f"{mean:.3f}"
+        else:
+            se = sum(errors) / len(errors) if english \
+                else math.sqrt(sum(e * e for e in errors)) / len(errors)
+            want_avg = cell_text(mean, se)
+        assert table.at[label, "avg"].strip("*") == want_avg, label
+    # Bold only for a best row separated from every other by 1.96 sqrt(se_a^2 + se_b^2):
+    # with equal errors of 0.01 that is a lead of more than 0.028; bits per byte has no error.
+    for lang in langs:
+        values = {label: cells[(label, lang)] for label in table.index if (label, lang) in cells}
+        lower = metric == "bits_per_byte"
+        ranked = sorted(values, key=lambda label: values[label][0], reverse=not lower)
+        best_value, best_se = values[ranked[0]]
+        separated = best_se is not None and len(ranked) > 1 and all(
+            abs(best_value - values[o][0]) > 1.96 * math.hypot(best_se, values[o][1])
+            for o in ranked[1:])
+        for label in table.index:
+            bold = table.at[label, lang].startswith("**")
+            assert bold == (separated and label == ranked[0]), (label, lang)
 
 
 def test_table_specific_cells(report: dict) -> None:
     """A few cells spelled out, as a reader would check them against the score files."""
     tables = parse_tables((report["out"] / "table.md").read_text())
-    topic = find_table(tables, "Topic accuracy on the target language")
+    topic = find_table(tables, "Topic classification", "on the target language",
+                       "CT budget 20k ")
     by_key = {(s["kind"], s["method"], tuple(s["langs"]), s["tokens"]): r
               for s, r, _ in report["expected"]}
 
     def topic_value(key: tuple, suite: str) -> str:
-        return next(f"{r['value']:.3f}" for r in by_key[key]
+        return next(cell_text(r["value"], r["stderr"]) for r in by_key[key]
                     if r["kind"] == "topic" and r["suite"] == suite)
 
-    base = topic_value(("base", None, (), None), "eu")
-    assert topic.at["base", "eu@20k"].strip("*") == base == topic.at["base", "eu@100k"].strip("*")
-    assert topic.at["CT", "ca@100k"].strip("*") == topic_value(("ct", None, ("ca",), 100000), "ca")
-    multi = "ties density0.5-lambda1.0 (eu+ca)"
-    assert topic.at[multi, "ca@20k"].strip("*") == topic_value(
+    assert topic.at["base", "eu"].strip("*") == topic_value(("base", None, (), None), "eu")
+    topic100 = find_table(tables, "Topic classification", "on the target language",
+                          "CT budget 100k ")
+    assert topic100.at["CT", "ca"].strip("*") == topic_value(("ct", None, ("ca",), 100000), "ca")
+    assert topic.at["TIES multi", "ca"].strip("*") == topic_value(
         ("merge", "ties", ("eu", "ca"), 20000), "ca")
-    assert topic.at["linear weight0.5", "eu@20k"].strip("*") == topic_value(
+    assert topic.at["Linear", "eu"].strip("*") == topic_value(
         ("merge", "linear", ("eu",), 20000), "eu")
-    assert topic.at["linear weight0.5", "ca@20k"] == MISSING
+    assert topic.at["Linear", "ca"] == MISSING and topic.at["Linear", "avg"] == MISSING
+    assert "Linear" not in topic100.index
+    legend = tables["Row labels"]
+    assert legend.at["TIES multi", "hyperparameters"] == "`density0.5-lambda1.0`"
+    assert legend.at["TIES multi", "languages"] == "eu+ca"
     training = tables["Training"]
     assert list(training.index) == ["CT"]
     assert training.at["CT", "langs"] == "eu" and training.at["CT", "budget"] == "20k"
     assert training.at["CT", "tokens trained"] == "20,480"
     assert training.at["CT", "final loss"] == "3.211"
+    # no per-item results in these files: no baseline rows, comparisons say "not evaluated"
+    assert "*chance*" not in topic.index
+    html = (report["out"] / "tables.html").read_text()
+    assert "<table>" in html and "Topic classification" in html
 
 
 def test_plots_are_png(report: dict) -> None:
-    for name in ("budget_curves.png", "bpb_vs_acc.png"):
+    for name in ("budget_curves.png", "retention.png", "bpb_vs_acc.png"):
         data = (report["out"] / name).read_bytes()
         assert data[:8] == PNG_MAGIC, name
         assert len(data) > 20_000, (name, len(data))  # axes, lines and legend, not a blank
