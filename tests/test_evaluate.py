@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +119,7 @@ def _recipe(model_digest: str, suites: dict[str, tuple[Path, str]], limit: int |
             "en": {"tasks": ["topic"], "data": suites["en"][1]},
         },
         "params": {"limit": limit, "batch_size": 4, "num_fewshot": 0, "max_length": None,
-                   "dtype": "float32"},
+                   "dtype": "float32", "chat_template": "auto", "fewshot_as_multiturn": True},
     }
 
 
@@ -228,6 +230,13 @@ def test_inputs_validated_before_running(tiny_model, suites, tmp_path):
     bad = dict(recipe, params={**recipe["params"], "batch_sise": 4})
     with pytest.raises(ev.EvaluateError, match="batch_sise"):
         ev.validate_recipe(bad)
+    for value in ("yes", 1, None):  # 1 == True in Python: refused all the same
+        bad = dict(recipe, params={**recipe["params"], "chat_template": value})
+        with pytest.raises(ev.EvaluateError, match=r"params\.chat_template must be true"):
+            ev.validate_recipe(bad)
+    bad = dict(recipe, params={**recipe["params"], "fewshot_as_multiturn": "no"})
+    with pytest.raises(ev.EvaluateError, match=r"params\.fewshot_as_multiturn"):
+        ev.validate_recipe(bad)
     with pytest.raises(ev.EvaluateError, match="model directory .* lacks config.json"):
         ev.check_model_dir(tmp_path, model_digest)
     ev.check_model_dir(model, model_digest)
@@ -282,3 +291,131 @@ def test_collect_results_flattens_groups_tags_and_filters():
         ("en", "tagged_1", "tag", "exact_match,strict-match", 0.75, 0.2),
     ]
     assert n_samples == {"lrm_topic_eu": 7, "grp_a": 4, "tagged_1": 3}
+
+
+# ----------------------------------------------------------------------------- chat template
+
+# A minimal Zephyr-style template: each turn tagged with its role, then the assistant's tag.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny model as an instruct model: the same weights, a chat template in its tokenizer."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_model[0], directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    recipe = {"stage": "model", "version": "1", "params": {"tiny": True, "chat": True}}
+    write_recipe(directory, recipe)
+    return directory, digest_of(recipe)
+
+
+def test_chat_template_renders_each_prompt_as_a_user_turn(chat_model, suites, tmp_path,
+                                                         monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    directory = suites["eu"][0]
+    planned = [ev.PlannedTask("eu", "lrm_topic_eu", "topic", directory / "topic.jsonl")]
+    tokenizer = ev.load_tokenizer(chat_model[0])
+    assert ev.resolve_chat_template("auto", tokenizer, "chat model") == CHAT_TEMPLATE
+    lm = HFLM(pretrained=str(chat_model[0]), tokenizer=tokenizer, batch_size=2, device="cpu")
+    requests = {}
+    for applied in (False, True):
+        task = ev.make_task_manager(ev.process_task_dir(planned), False).load(
+            ["lrm_topic_eu"])["tasks"]["lrm_topic_eu"]
+        task.build_all_requests(limit=2, apply_chat_template=applied,
+                                chat_template=lm.apply_chat_template if applied else None)
+        requests[applied] = [i for i in task.instances if i.doc_id == 1 and i.idx == 1][0]
+    prompt = topic_prompt(EU_TOPIC[1][0])
+    assert requests[False].arguments == (prompt, topic_answer(TOPICS[1]))
+    # With the template: the prompt is the user's turn, the answer opens the assistant's.
+    context, answer = requests[True].arguments
+    assert context == f"<|user|>\n{prompt}</s>\n<|assistant|>\n"
+    # lm-eval drops the " " target delimiter after the assistant's tag.
+    assert answer == LABELS[1] == topic_answer(TOPICS[1]).lstrip()
+
+
+def test_score_file_records_the_chat_template(tiny_model, chat_model, suites, tmp_path):
+    eu = {"eu": suites["eu"][0], "en": suites["en"][0]}
+    scores = {}
+    indexed = ev.make_task_manager.cache_info()
+    for name, (model, digest), setting in (("chat", chat_model, "auto"),
+                                           ("plain", tiny_model, "auto"),
+                                           ("off", chat_model, False)):
+        recipe = _recipe(digest, suites, limit=3)
+        recipe["params"]["chat_template"] = setting
+        scores[name] = ev.evaluate(recipe, model, eu, tmp_path / name / "score.json", 1)
+        assert read_json(tmp_path / name / "score.json") == scores[name]
+    # Three evaluations in one process: each job's HF cache went to its own scratch directory,
+    # removed after it (not to the first job's, which datasets would recreate), ...
+    for name in scores:
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["score.json"]
+    # ... and the same tasks were indexed once (one TaskManager for the three).
+    cached = ev.make_task_manager.cache_info()
+    assert (cached.hits - indexed.hits, cached.misses - indexed.misses) in ((2, 1), (3, 0))
+    sha = hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+    assert scores["chat"]["chat_template"] == {"applied": True, "sha256": sha}
+    assert scores["plain"]["chat_template"] == {"applied": False, "sha256": None}
+    assert scores["off"]["chat_template"] == {"applied": False, "sha256": None}
+    # The setting is in the recipe, so in the digest: the same model scored both ways is two
+    # score files.
+    assert scores["chat"]["digest"] != scores["off"]["digest"]
+    assert scores["chat"]["recipe"]["params"]["chat_template"] == "auto"
+    # true requires a template: named, before any model is loaded.
+    recipe = _recipe(tiny_model[1], suites, limit=3)
+    recipe["params"]["chat_template"] = True
+    with pytest.raises(ev.EvaluateError, match=r"params\.chat_template is true but model .* "
+                       "has no chat template"):
+        ev.evaluate(recipe, tiny_model[0], eu, tmp_path / "true" / "score.json", 1)
+    assert not (tmp_path / "true" / "score.json").exists()
+
+
+def test_plan_sets_the_chat_template_per_model_role(tmp_path):
+    from workflow_utils import PROJECT, tiny_config
+
+    from workflow.config import validate_config
+    from workflow.plan import Plan
+
+    def settings(config) -> dict[str, set]:
+        plan = Plan(validate_config(config, PROJECT), workdir=tmp_path)
+        found: dict[str, set] = {}
+        for artifact in plan.evaluations:
+            params = artifact.recipe["params"]
+            found.setdefault(artifact.recipe["subject"]["kind"], set()).add(
+                (params["chat_template"], params["fewshot_as_multiturn"]))
+        return found
+
+    config = tiny_config()
+    # Defaults: instruct roles as they were tuned (sft.chat_template: auto), bases false; no
+    # few-shot examples, so multi-turn is off (it would change nothing).
+    assert settings(config) == {"base": {(False, False)}, "ct": {(False, False)},
+                                "sft": {("auto", False)}, "ctsft": {("auto", False)},
+                                "merge": {("auto", False)}}
+    config["evaluation"]["num_fewshot"] = 2
+    assert settings(config) == {"base": {(False, False)}, "ct": {(False, False)},
+                                "sft": {("auto", True)}, "ctsft": {("auto", True)},
+                                "merge": {("auto", True)}}
+    config["sft"]["chat_template"] = False  # SFT trained on the plain format: scored on it
+    assert settings(config) == {"base": {(False, False)}, "ct": {(False, False)},
+                                "sft": {(False, False)}, "ctsft": {(False, False)},
+                                "merge": {(False, False)}}
+    config["evaluation"]["chat_template"] = {"sft": True, "merge": "auto"}
+    assert settings(config) == {"base": {(False, False)}, "ct": {(False, False)},
+                                "sft": {(True, True)}, "ctsft": {(False, False)},
+                                "merge": {("auto", True)}}  # ctsft: still as tuned
+    config["evaluation"]["fewshot_as_multiturn"] = False
+    assert {kind: {multiturn for _, multiturn in found}
+            for kind, found in settings(config).items()} == dict.fromkeys(
+        ("base", "ct", "sft", "ctsft", "merge"), {False})
+    config["evaluation"]["chat_template"] = {"sft": "yes"}
+    with pytest.raises(ValueError, match="chat_template"):
+        validate_config(config, PROJECT)

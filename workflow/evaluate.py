@@ -12,8 +12,21 @@ Task names in the recipe:
   needs its data set on the hub or in the local HF cache.
 
 The offline tasks are written as small YAML variants of the templates in ``workflow/tasks/``
-into a scratch directory beside the output, which also holds the HF datasets cache of the job
-and is removed afterwards.
+into a task directory of the process (one per set of tasks, removed at exit); the HF datasets
+cache of the job goes to a scratch directory beside the output, removed afterwards.
+
+Chat template (``params.chat_template``: true, false or "auto"): lm-eval's own
+``apply_chat_template`` option, so an instruct model is asked in the format it was tuned on
+(each prompt a user turn, the answer the assistant's; with ``fewshot_as_multiturn`` the
+few-shot examples are earlier turns). "auto" applies it when the model's tokenizer carries a
+template; true requires one. The score file records whether it was applied and the template's
+sha256 under ``chat_template``.
+
+Fixed cost: a job is one interpreter (workflow.launch runs a CPU stage in-process) whose time
+goes to importing torch, transformers and lm-eval, not to scoring. Nothing heavy is imported at
+module level; a process that evaluates several models (:func:`evaluate` called in turn, as
+``python -m workflow.evaluate_benchmark`` does) builds each set of tasks once
+(:func:`make_task_manager` caches lm-eval's TaskManager, whose registry index costs ~10 s).
 
     python -m workflow.evaluate --recipe '<json>' --model DIR --suite eu=DIR [--suite en=DIR]
         --out scores.json [--threads N]
@@ -22,12 +35,17 @@ and is removed afterwards.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import functools
+import hashlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,6 +57,7 @@ import yaml
 
 from workflow.artifacts import (
     RECIPE_FILE,
+    canonical_json,
     digest_of,
     parse_named_paths,
     parse_recipe_arg,
@@ -51,7 +70,7 @@ from workflow.prompts import LABELS
 log = logging.getLogger(__name__)
 
 # Bump when a change here changes what a stage writes (see workflow/stages.py).
-STAGE_VERSIONS = {"evaluate": "1"}
+STAGE_VERSIONS = {"evaluate": "2"}  # 2: per-item results ("items"); chat template
 STAGE = "evaluate"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Offline task kind -> (template in TASKS_DIR, data file in the suite directory).
@@ -59,8 +78,10 @@ OFFLINE_TASKS: dict[str, tuple[str, str]] = {
     "topic": ("_lrm_topic.yaml", "topic.jsonl"),
     "bpb": ("_lrm_bpb.yaml", "heldout.jsonl"),
 }
-PARAM_KEYS = ("limit", "batch_size", "num_fewshot", "max_length", "dtype")
+PARAM_KEYS = ("limit", "batch_size", "num_fewshot", "max_length", "dtype", "chat_template",
+              "fewshot_as_multiturn")
 DTYPES = ("float32", "bfloat16", "float16")
+CHAT_TEMPLATE_VALUES = (True, False, "auto")
 SUITE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 SEED = 1234
 
@@ -132,6 +153,17 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     _check_int(params["max_length"], "max_length", 1, nullable=True)
     if params["dtype"] not in DTYPES:
         raise EvaluateError(f"recipe params.dtype must be one of {DTYPES}, got {params['dtype']!r}")
+    # `1 in (True, ...)` holds in Python: compare types too, so only true/false/"auto" pass.
+    chat = params["chat_template"]
+    if not any(chat == v and type(chat) is type(v) for v in CHAT_TEMPLATE_VALUES):
+        raise EvaluateError(
+            f"recipe params.chat_template must be true, false or \"auto\", got {chat!r}"
+        )
+    if not isinstance(params["fewshot_as_multiturn"], bool):
+        raise EvaluateError(
+            "recipe params.fewshot_as_multiturn must be true or false, "
+            f"got {params['fewshot_as_multiturn']!r}"
+        )
 
 
 def _check_digest(directory: Path, expected: Any, what: str) -> None:
@@ -222,6 +254,13 @@ def check_model_dir(model_dir: Path, expected_digest: Any) -> None:
 def write_task_yamls(planned: list[PlannedTask], dest: Path) -> None:
     """Write one lm-eval YAML per offline task: an ``include:`` of the template plus the task
     name and the suite's data file, the way lm-eval's per-language variants are written."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in task_yamls(planned).items():
+        (dest / name).write_text(text, encoding="utf-8")
+
+
+def task_yamls(planned: list[PlannedTask]) -> dict[str, str]:
+    """File name -> YAML text of each offline task (see :func:`write_task_yamls`)."""
     template_labels = yaml.safe_load((TASKS_DIR / "_lrm_topic.yaml").read_text("utf-8"))[
         "doc_to_choice"
     ]
@@ -230,7 +269,7 @@ def write_task_yamls(planned: list[PlannedTask], dest: Path) -> None:
             f"{TASKS_DIR / '_lrm_topic.yaml'} doc_to_choice {template_labels} differs from "
             f"workflow.prompts.LABELS {LABELS}"
         )
-    dest.mkdir(parents=True, exist_ok=True)
+    texts = {}
     for task in planned:
         if task.data_file is None:
             continue
@@ -239,16 +278,80 @@ def write_task_yamls(planned: list[PlannedTask], dest: Path) -> None:
             "task": task.name,
             "dataset_kwargs": {"data_files": {"test": str(task.data_file)}},
         }
-        (dest / f"{task.name}.yaml").write_text(
-            yaml.safe_dump(variant, sort_keys=False, allow_unicode=True), encoding="utf-8"
-        )
+        texts[f"{task.name}.yaml"] = yaml.safe_dump(variant, sort_keys=False, allow_unicode=True)
+    return texts
 
 
+_task_root: Path | None = None  # this process's task directories, removed at exit
+
+
+def process_task_dir(planned: list[PlannedTask]) -> Path:
+    """The directory of ``planned``'s offline task YAMLs in this process, named by their
+    content: evaluations of the same tasks share it, and so the TaskManager built over it."""
+    global _task_root
+    texts = task_yamls(planned)
+    if _task_root is None:
+        _task_root = Path(tempfile.mkdtemp(prefix="lrmerge-tasks-"))
+        atexit.register(shutil.rmtree, _task_root, True)
+    dest = _task_root / hashlib.sha256(canonical_json(texts).encode()).hexdigest()[:16]
+    if not dest.is_dir():
+        staging = Path(tempfile.mkdtemp(dir=_task_root))
+        write_task_yamls(planned, staging)
+        staging.rename(dest)
+    return dest
+
+
+@functools.cache
 def make_task_manager(task_dir: Path, with_registry: bool) -> Any:
+    """lm-eval's TaskManager over ``task_dir``, built once per process and arguments (the
+    YAMLs in ``task_dir`` must not change: :func:`process_task_dir` names them by content)."""
     from lm_eval.tasks import TaskManager
 
     # Indexing lm-eval's built-in tasks costs ~10 s; only pay it when a registry task is asked.
     return TaskManager(include_path=str(task_dir), include_defaults=with_registry)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer, loaded as lm-eval's HFLM loads it (fast, no remote code)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), revision="main",
+                                         trust_remote_code=False, use_fast=True)
+
+
+def resolve_chat_template(setting: bool | str, tokenizer: Any, where: str) -> str | None:
+    """The chat template to apply under ``params.chat_template`` (None: none), as the text
+    recorded in the score. "auto" applies the tokenizer's template when it has one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if setting is False:
+        return None
+    if not template:
+        if setting is True:
+            raise EvaluateError(
+                f"recipe params.chat_template is true but {where} has no chat template "
+                "(its tokenizer's chat_template is unset); set the model role's "
+                "evaluation.chat_template to auto or false"
+            )
+        return None
+    # A tokenizer may carry several named templates; lm-eval applies the "default" one.
+    return template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+
+
+@contextlib.contextmanager
+def _without_env_report() -> Iterator[None]:
+    """simple_evaluate ends with add_env_info: torch's collect_env, which runs ``pip list``
+    and other commands (~1 s of a job's CPU time) for a report this stage does not keep."""
+    import lm_eval.evaluator
+
+    saved = getattr(lm_eval.evaluator, "add_env_info", None)
+    if saved is None:  # a later lm-eval without it: nothing to skip
+        yield
+        return
+    lm_eval.evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = saved
 
 
 @contextlib.contextmanager
@@ -256,8 +359,10 @@ def isolated_caches(scratch: Path, offline: bool) -> Iterator[None]:
     """Point the HF caches into the job's scratch directory (unless the user chose one).
 
     Must be entered before ``datasets`` / ``huggingface_hub`` are imported: they read these
-    variables at import time. Registry tasks keep the user's HF_HOME: their data sets are
-    downloaded once into it (and gated ones need the token stored there).
+    variables at import time. In a process that evaluates again, ``datasets`` is imported
+    already: its cache directory is then repointed directly (else this job's cache would go to
+    the first job's scratch directory, removed since). Registry tasks keep the user's HF_HOME:
+    their data sets are downloaded once into it (and gated ones need the token stored there).
     """
     wanted = {"HF_DATASETS_CACHE": str(scratch / "hf" / "datasets")}
     if offline:
@@ -270,9 +375,17 @@ def isolated_caches(scratch: Path, offline: bool) -> Iterator[None]:
     for key, value in wanted.items():
         if key.endswith("OFFLINE") or key not in os.environ:
             os.environ[key] = value
+    datasets_config = None
+    if "datasets" in sys.modules and saved["HF_DATASETS_CACHE"] is None:
+        import datasets.config as datasets_config
+
+        saved_cache = datasets_config.HF_DATASETS_CACHE
+        datasets_config.HF_DATASETS_CACHE = Path(wanted["HF_DATASETS_CACHE"])
     try:
         yield
     finally:
+        if datasets_config is not None:
+            datasets_config.HF_DATASETS_CACHE = saved_cache
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -344,6 +457,37 @@ def collect_results(
     return rows, n_samples
 
 
+def collect_items(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-item results of every task (lm-eval's ``log_samples``), for paired bootstraps in
+    the report: per task, in doc order, ``doc_id``, ``gold`` (the target: an index for
+    multiple choice), ``n_choices`` (null unless multiple choice) and each metric's per-item
+    value (a number, or ``[loglikelihood, units]`` for the perplexity metrics)."""
+    items: dict[str, dict[str, Any]] = {}
+    for name, samples in (raw.get("samples") or {}).items():
+        if not samples:
+            continue
+        first_filter = samples[0].get("filter")
+        kept = sorted((s for s in samples if s.get("filter") == first_filter),
+                      key=lambda s: s["doc_id"])
+        metrics: dict[str, list[Any]] = {}
+        for metric in kept[0].get("metrics", []):
+            values = [s.get(metric) for s in kept]
+            if all(_number(v) is not None for v in values):
+                metrics[metric] = [float(v) for v in values]
+            elif all(isinstance(v, (list, tuple)) and len(v) == 2 for v in values):
+                metrics[metric] = [[float(a), float(b)] for a, b in values]
+        multiple_choice = all(
+            isinstance(s.get("target"), int) and len(s.get("arguments", [])) > 1 for s in kept
+        )
+        items[name] = {
+            "doc_id": [int(s["doc_id"]) for s in kept],
+            "gold": [s["target"] if multiple_choice else None for s in kept],
+            "n_choices": [len(s["arguments"]) if multiple_choice else None for s in kept],
+            "metrics": metrics,
+        }
+    return items
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -386,10 +530,9 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
-        task_dir = scratch / "tasks"
-        write_task_yamls(planned, task_dir)
+        task_dir = process_task_dir(planned)
         with isolated_caches(scratch, offline=not with_registry):
-            raw, tags, version = _run_lm_eval(
+            raw, tags, version, template = _run_lm_eval(
                 recipe, model, planned, task_dir, with_registry, params, threads
             )
     finally:
@@ -402,6 +545,11 @@ def evaluate(
         "subject": recipe["subject"],
         "results": rows,
         "n_samples": n_samples,
+        "items": collect_items(raw),
+        "chat_template": {
+            "applied": template is not None,
+            "sha256": None if template is None else hashlib.sha256(template.encode()).hexdigest(),
+        },
         "lm_eval_version": version,
         "wall_s": round(time.monotonic() - start, 3),
     }
@@ -418,8 +566,9 @@ def _run_lm_eval(
     with_registry: bool,
     params: dict[str, Any],
     threads: int | None,
-) -> tuple[dict[str, Any], dict[str, list[str]], str]:
-    """Returns lm-eval's results, the member tasks of each requested tag, and its version."""
+) -> tuple[dict[str, Any], dict[str, list[str]], str, str | None]:
+    """Returns lm-eval's results, the member tasks of each requested tag, its version and the
+    chat template applied (None: none)."""
     # Imported here, after the cache variables are set: datasets reads them at import time.
     import lm_eval
     import torch
@@ -447,34 +596,43 @@ def _run_lm_eval(
         merged, tokenizer = load_merged_model(recipe["merge"], model.base, model.models,
                                               device=device, dtype=params["dtype"],
                                               allow_nonfinite=model.allow_nonfinite)
+        # The merged model takes its tokenizer (and template) from its task (SFT) model.
+        template = resolve_chat_template(params["chat_template"], tokenizer, "the merged model")
         lm = HFLM(pretrained=merged, tokenizer=tokenizer, batch_size=params["batch_size"],
                   max_length=params["max_length"])
     else:
+        # The tokenizer first, so a missing chat template fails before the model load.
+        tokenizer = load_tokenizer(model)
+        template = resolve_chat_template(params["chat_template"], tokenizer, f"model {model}")
         lm = HFLM(
             pretrained=str(model),
-            tokenizer=str(model),
+            tokenizer=tokenizer,
             batch_size=params["batch_size"],
             device=device,
             dtype=params["dtype"],
             trust_remote_code=False,
             max_length=params["max_length"],
         )
-    log.info("evaluating %s on %s: %s", model, device, names)
-    raw = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=names,
-        task_manager=task_manager,
-        limit=params["limit"],
-        num_fewshot=params["num_fewshot"],
-        log_samples=False,
-        random_seed=SEED,
-        numpy_random_seed=SEED,
-        torch_random_seed=SEED,
-        fewshot_random_seed=SEED,
-    )
+    log.info("evaluating %s on %s: %s (chat template: %s)", model, device, names,
+             "applied" if template is not None else "none")
+    with _without_env_report():
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=task_manager,
+            limit=params["limit"],
+            num_fewshot=params["num_fewshot"],
+            log_samples=True,  # per-item results: the report's paired bootstrap
+            apply_chat_template=template is not None,
+            fewshot_as_multiturn=template is not None and params["fewshot_as_multiturn"],
+            random_seed=SEED,
+            numpy_random_seed=SEED,
+            torch_random_seed=SEED,
+            fewshot_random_seed=SEED,
+        )
     if raw is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not rank 0?)")
-    return raw, tags, getattr(lm_eval, "__version__", "unknown")
+    return raw, tags, getattr(lm_eval, "__version__", "unknown"), template
 
 
 def main(argv: list[str] | None = None) -> None:
