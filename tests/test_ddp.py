@@ -64,3 +64,35 @@ def test_launch_commands():
         "-m", "workflow.lifeline", "workflow.train", "ct"]
     command = launch.build_command("workflow.train", ["ct"], 3)
     assert "--nproc_per_node=3" in command and command[-2:] == ["workflow.train", "ct"]
+    # Across nodes: srun starts one torchrun per node, joined on the job's first host.
+    job = launch.SlurmJob("77", ("n1", "n2", "n3"), tasks=3, cpus_per_task=8, port=29999)
+    command = launch.build_command("workflow.train", ["ct"], 4, nodes=3, slurm=job)
+    assert command[:command.index(sys.executable)] == [
+        "srun", "--nodes", "3", "--ntasks", "3", "--ntasks-per-node", "1",
+        "--kill-on-bad-exit=1", "--cpus-per-task", "8"]
+    torchrun = command[command.index(sys.executable):]
+    assert torchrun[1:] == [
+        "-m", "torch.distributed.run", "--nnodes", "3", "--nproc-per-node", "4",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "n1:29999", "--rdzv-id", "77",
+        "-m", "workflow.train", "ct"]
+    # Fewer nodes than agents (the test cluster's one node): the agents share it.
+    one = launch.SlurmJob("78", ("n1",), tasks=2)
+    command = launch.build_command("workflow.train", ["ct"], 1, nodes=2, slurm=one)
+    assert command[:7] == ["srun", "--nodes", "1", "--ntasks", "2", "--ntasks-per-node", "2"]
+    with pytest.raises(ValueError, match="needs 3 SLURM tasks, job 78 has 2"):
+        launch.build_command("workflow.train", ["ct"], 1, nodes=3, slurm=one)
+    with pytest.raises(ValueError, match="--nodes"):
+        launch.build_command("workflow.train", ["ct"], 1, nodes=0)
+
+
+def test_nodes_outside_slurm_fail_before_anything(tmp_path):
+    """No SLURM job: --nodes 2 stops the launcher before it reads an input or starts Python
+    for the stage (the input named here does not exist, and is not what the error is about)."""
+    environment = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "workflow.launch", "--gpus", "0", "--nodes", "2", "--verify",
+         str(tmp_path / "missing"), "--", "workflow.train", "ct", "--out", str(tmp_path / "o")],
+        env=environment, cwd=PROJECT, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "--nodes 2 (resources.<stage>.nodes)" in run.stderr and "needs a SLURM job" in run.stderr
+    assert "missing" not in run.stderr and not (tmp_path / "o").exists()

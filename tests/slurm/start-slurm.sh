@@ -57,7 +57,8 @@ GresTypes=gpu
 NodeName=${H} CPUs=${CPUS} RealMemory=${MEM} Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-scontrol ping >/dev/null 2>&1 || slurmctld
+# -c: a fresh controller forgets the jobs of an earlier run that was killed (state files).
+scontrol ping >/dev/null 2>&1 || slurmctld -c
 pgrep -F /run/slurmd.pid >/dev/null 2>&1 || slurmd
 for i in $(seq 120); do
   [ "$(sinfo -h -n "$H" -o %T 2>/dev/null)" = idle ] && break
@@ -65,7 +66,15 @@ for i in $(seq 120); do
 done
 [ "$(sinfo -h -n "$H" -o %T)" = idle ] || { sinfo -R; tail -20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log; exit 1; }
 # `idle` can show before the node accepts work (after a restart): wait for a real job step.
-for i in $(seq 30); do timeout 20 srun -t 1 true 2>/dev/null && exit 0; sleep 1; done
+# Then wait for that probe to leave the queue (it shows as COMPLETING for a moment), so that
+# callers find the queue empty.
+for i in $(seq 30); do
+  if timeout 20 srun -t 1 true 2>/dev/null; then
+    for j in $(seq 50); do [ -z "$(squeue -h)" ] && exit 0; sleep 0.2; done
+    echo "start-slurm.sh: the probe job stays in the queue" >&2; squeue >&2; exit 1
+  fi
+  sleep 1
+done
 echo "start-slurm.sh: the node is idle but accepts no job" >&2
 tail -20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2
 exit 1
