@@ -14,7 +14,9 @@ from workflow.config import ConfigError, load_workflow_config  # noqa: E402
 from workflow.artifacts import IntegrityError, check_sizes, is_complete, point_latest  # noqa: E402
 from workflow.plan import WILDCARD_CONSTRAINTS, Plan  # noqa: E402
 from workflow.stages import PATTERNS, STAGES  # noqa: E402
-from workflow.cluster import ClusterError, check_capacity, query_nodes  # noqa: E402
+from workflow.cluster import ClusterError, check_capacity, check_local, query_nodes  # noqa: E402
+from workflow.cluster import resource as cluster_resource  # noqa: E402
+from workflow.cluster import slurm_resources  # noqa: E402
 from workflow.cluster import check_config as check_cluster_config  # noqa: E402
 from workflow.cluster import runtime as cluster_runtime  # noqa: E402
 
@@ -46,7 +48,10 @@ except ConfigError as error:
     raise WorkflowError(f"invalid config: {error}") from None
 config.clear()
 config.update(_validated)
-PLAN = Plan(config, workdir=os.getcwd())
+try:  # the plan checks what spans keys and budgets (a one-run CT budget ends a step)
+    PLAN = Plan(config, workdir=os.getcwd())
+except ConfigError as error:
+    raise WorkflowError(f"invalid config: {error}") from None
 # Jobs go to a cluster (a non-local executor such as profiles/slurm: --jobs gives nodes; local
 # runs alias --jobs to --cores). Only then do rules get their groups (Stage.group).
 SUBMITS_JOBS = workflow.resource_settings.nodes is not None
@@ -64,6 +69,9 @@ try:
             # them at the largest node, or a bundle could ask more CPUs than any node has.
             if workflow.global_resources["_cores"].value is None:
                 workflow.global_resources["_cores"] = max(cpus for cpus, _ in _nodes)
+    elif not SUBMITS_JOBS and not workflow.remote_exec and not workflow.subprocess_exec:
+        # Jobs run here: nodes > 1 (one torchrun per node, srun) cannot (workflow/launch.py).
+        check_local(config, {STAGES[name].resources for name, _ in PLAN.by_key})
 except ClusterError as error:
     raise WorkflowError(str(error)) from None
 # The digest is the only rebuild criterion (README: "What is rebuilt, and what never is"): a job
@@ -174,9 +182,15 @@ def stage_shell(stage):
     env = JOB_ENV.replace("{", "{{").replace("}", "}}")
     nproc = " --nproc 1" if stage.processes == "one" else ""
     threads = " --threads {threads}" if stage.threads_flag else ""
+    # Across nodes the plugin's gpu resource is 0 (slurm_resources): the GPUs per node and
+    # the node count come from the config.
+    nodes = cluster_resource(config, stage.resources, "nodes")[0] if stage.processes == "gpus" else 1
+    gpus = "{resources.gpu}"
+    if nodes > 1:
+        gpus = f"{cluster_resource(config, stage.resources, 'gpu')[0]} --nodes {nodes}"
     return (
         f"{env} OMP_NUM_THREADS={{threads}} MKL_NUM_THREADS={{threads}} {PY} -m workflow.launch"
-        f" --gpus {{resources.gpu}} --threads {{threads}}{nproc} {{params.command}}{threads}"
+        f" --gpus {gpus} --threads {{threads}}{nproc} {{params.command}}{threads}"
         " > {log} 2>&1"
     )
 
@@ -216,7 +230,9 @@ def _job_file(root, rule_name, suffix):
 
 def cluster_resources(stage):
     """sbatch's account, partition and walltime of a stage's jobs, from the config's `cluster`
-    section; only those set (null: the cluster's default, so sbatch gets no flag)."""
+    section; only those set (null: the cluster's default, so sbatch gets no flag). Then the
+    job's gpu resource, and for a job across nodes its nodes and tasks
+    (workflow.cluster.slurm_resources)."""
     cluster = config["cluster"]
     gpu = get_resource(stage.resources, "gpu")
     extra = {
@@ -224,15 +240,20 @@ def cluster_resources(stage):
         "slurm_partition": (cluster["gpu_partition"] if gpu else None) or cluster["partition"],
         "runtime": cluster_runtime(config, stage.resources),
     }
-    return {key: value for key, value in extra.items() if value is not None}
+    extra = {key: value for key, value in extra.items() if value is not None}
+    return {**extra, **slurm_resources(config, stage.resources)}
 
 
-def stage_rules(*names):
+def stage_rules(*names, report_options=None):
     """Define the rules of these stages: everything that differs between them is in the stage
     table (workflow/stages.py) and the plan. Under a cluster profile, `local` stages run on the
-    submitting host and `group` stages are bundled into fewer submissions (Stage fields)."""
+    submitting host and `group` stages are bundled into fewer submissions (Stage fields).
+    report_options: report() flags of the output, for `snakemake --report`."""
     for name in names:
         stage = STAGES[name]
+        output = stage.pattern if stage.output_file else directory(stage.pattern)
+        if report_options:
+            output = report(output, **report_options)
 
         rule:
             name:
@@ -242,7 +263,7 @@ def stage_rules(*names):
             input:
                 unpack(get_inputs(name)),
             output:
-                stage.pattern if stage.output_file else directory(stage.pattern),
+                output,
             params:
                 command=stage_command(name),
             log:
@@ -255,7 +276,6 @@ def stage_rules(*names):
             threads: get_resource(stage.resources, "threads")
             resources:
                 mem_mb=get_resource(stage.resources, "mem_mb"),
-                gpu=get_resource(stage.resources, "gpu"),
                 **cluster_resources(stage),
             shell:
                 stage_shell(stage)

@@ -48,7 +48,8 @@ def test_whole_dag_runs_and_writes_the_report(built):
         assert set(rows["metric"]) >= {"acc", "bits_per_byte"}
         assert set(rows["kind"]) == set(MODEL_KINDS)
     table = (report / "table.md").read_text()
-    assert "CT-then-SFT" in table and "ties" in table and "eu@2k" in table
+    assert "CT-then-SFT" in table and "ties" in table and "CT budget 2k" in table
+    assert "| model | eu | gl | avg |" in table and "The papers' claims, checked" in table
 
 
 def test_every_artifact_is_content_addressed(built):

@@ -471,10 +471,17 @@ def _check_cross_keys(config: dict[str, Any], workdir: Path) -> None:
         raise ConfigError("config key 'model.hf': required when model.source is 'hf'")
 
     sft = config["sft"]
-    if sft["source"] == "train":
-        need_corpus(sft["corpus"], "sft.corpus")
-    elif "hf" not in sft:
+    if sft["source"] == "hf" and "hf" not in sft:
         raise ConfigError("config key 'sft.hf': required when sft.source is 'hf'")
+    if sft["source"] == "train" or config["ct_sft"]["enabled"]:  # both train on sft.data
+        from workflow.instructions import InstructionDataError, check_spec, source_kind
+
+        data = sft["data"]
+        try:
+            local = source_kind(data) == "path"
+            check_spec(data, resolve_path(data["path"], workdir) if local else None)
+        except InstructionDataError as error:
+            raise ConfigError(f"config key {error}") from None
     for key, model_id in _hub_models(config):
         check_model_source(model_id, key, workdir)
 

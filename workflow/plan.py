@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from workflow.artifacts import HashCache, digest_of, write_json
-from workflow.config import OFFLINE_TASKS, resolve_path
+from workflow.config import OFFLINE_TASKS, ConfigError, resolve_path
 from workflow.data import replay_tokens_for
+from workflow.instructions import HUB_KEYS, format_params, source_kind
+from workflow.ladder import RunShape, check_budget, schedule_spec, schedule_steps
 from workflow.stages import PATTERNS, STAGES
+from workflow.tasks import family_task
 
 WILDCARD_CONSTRAINTS = {
     "digest": "[0-9a-f]{12}",
@@ -59,6 +62,29 @@ def suite_corpus_and_tasks(config: dict[str, Any], suite: str) -> tuple[str | No
 def language_budgets(config: dict[str, Any], lang: str) -> list[int]:
     spec = config["languages"][lang]
     return sorted(spec.get("budgets", config["budgets"]))
+
+
+def budgets_key(config: dict[str, Any], lang: str) -> str:
+    """The config key that sets a language's budgets."""
+    return f"languages.{lang}.budgets" if "budgets" in config["languages"][lang] else "budgets"
+
+
+def one_run_shape(config: dict[str, Any], lang: str) -> tuple[RunShape, int] | None:
+    """A language's one CT run (``ct.schedule.mode: one_run``): its block and step shape and
+    the steps of its learning-rate schedule; None for independent runs per budget."""
+    schedule = schedule_spec(config["ct"]["schedule"], "ct.schedule")
+    if schedule is None:
+        return None
+    overrides = config["languages"][lang].get("ct_train", {})
+    train = {**config["ct"]["train"], **overrides}
+    key = f"languages.{lang}.ct_train" if overrides else "ct.train"
+    if train["epochs"] != 1:
+        raise ConfigError(f"'{key}.epochs': the one CT run of ct.schedule reads its stream once "
+                          f"(its budgets are its length), so epochs must be 1, got "
+                          f"{train['epochs']}")
+    replay = config["ct"]["replay"]
+    shape = RunShape.of(train, replay["share"] if replay else None)
+    return shape, schedule_steps(schedule, shape)
 
 
 def released_ct(config: dict[str, Any], lang: str, tokens: int) -> dict[str, Any] | None:
@@ -183,6 +209,7 @@ class Plan:
         self.evaluations: list[Artifact] = []
         self.trained: list[Artifact] = []
         self.merged: list[str] = []  # merge directories with diagnostics.json (report input)
+        self._rungs: dict[tuple[str, int], Artifact] = {}  # CT models by (language, budget)
         self._build()
         self.report = self._report()
         self.hashes.save()
@@ -325,18 +352,34 @@ class Plan:
         self.trained.append(base)
         return base, tokenizer
 
+    @cached_property
+    def instruction_ref(self) -> tuple[dict[str, Any], Path | None]:
+        """The SFT data's recipe entry and local file: a local file is identified by its
+        sha256 (hashed once, cached), so a copy or move plans nothing new; a hub dataset by its
+        id, pinned revision and what is loaded of it."""
+        data = self.config["sft"]["data"]
+        if source_kind(data) == "hub":
+            return {key: data[key] for key in HUB_KEYS}, None
+        path = resolve_path(data["path"], self.workdir)
+        return {"sha256": self.hashes.sha256(path)}, path
+
     def _sft(self, model: Artifact, rule: str, **wildcards: Any) -> Artifact:
         sft = self.config["sft"]
-        ref, path = self.corpus_ref(sft["corpus"])
+        ref, path = self.instruction_ref
         recipe = {
             "stage": "sft",
-            "params": {"examples": sft["examples"], "train": sft["train"]},
+            "params": {
+                "examples": sft["examples"],
+                "select": sft["select"],
+                "chat_template": sft["chat_template"],
+                "data": format_params(sft["data"]),
+                "train": sft["train"],
+            },
             "model": model.digest,
-            "corpus": ref,
+            "dataset": ref,
         }
-        artifact = self._add(
-            rule, recipe, {"model": model.path, "corpus": str(path)}, model=self.name, **wildcards
-        )
+        inputs = {"model": model.path, **({"dataset": str(path)} if path else {})}
+        artifact = self._add(rule, recipe, inputs, model=self.name, **wildcards)
         self.trained.append(artifact)
         return artifact
 
@@ -350,10 +393,22 @@ class Plan:
         }
         inputs = {"model": base.path, "data": data.path}
         replay = self.config["ct"]["replay"]
+        run = one_run_shape(self.config, lang)
+        replay_tokens = replay_tokens_for(tokens, replay["share"]) if replay else 0
+        if run is not None:
+            # One run per language (workflow/ladder.py): the recipe is the run's identity plus
+            # this budget, never the other budgets, so adding one changes no existing digest;
+            # the job resumes from the nearest lower checkpoint (an input, not a recipe part).
+            shape, total = run
+            check_budget(tokens, shape, total, budgets_key(self.config, lang))
+            recipe["params"]["schedule"] = {"mode": "one_run", "steps": total}
+            recipe["params"]["tokens"] = tokens
+            replay_tokens = shape.replay_tokens(tokens)
+            lower = self._lower_rung(lang, tokens)
+            if lower is not None:
+                inputs["resume"] = lower.path
         if replay:  # the target budget stays exact; replay tokens come on top
-            replay_data = self._prepare(
-                self.tokenizer, replay["corpus"], replay_tokens_for(tokens, replay["share"])
-            )
+            replay_data = self._prepare(self.tokenizer, replay["corpus"], replay_tokens)
             recipe["params"]["replay"] = {"share": replay["share"]}
             recipe["replay"] = replay_data.digest
             inputs["replay"] = replay_data.path
@@ -367,6 +422,21 @@ class Plan:
         )
         self.trained.append(artifact)
         return artifact
+
+    def _rung(self, lang: str, tokens: int) -> Artifact:
+        """The CT model of a language at a budget (built once: a one-run ladder asks for the
+        lower rungs again)."""
+        if (lang, tokens) not in self._rungs:
+            data = self._prepare(self.tokenizer, self.config["languages"][lang]["corpus"], tokens)
+            self._rungs[(lang, tokens)] = self._ct(self.base, data, lang, tokens)
+        return self._rungs[(lang, tokens)]
+
+    def _lower_rung(self, lang: str, tokens: int) -> Artifact | None:
+        """The checkpoint a one-run budget resumes from: the nearest lower budget trained here
+        (a released checkpoint is no state of this run), or None to start from the base."""
+        lower = [t for t in language_budgets(self.config, lang)
+                 if t < tokens and not released_ct(self.config, lang, t)]
+        return self._rung(lang, lower[-1]) if lower else None
 
     def _merge_variant(
         self, variant: MergeVariant, cts: dict[str, Artifact], tokens: int
@@ -459,6 +529,11 @@ class Plan:
         suite_inputs = {}
         for suite in suites:
             corpus, tasks = suite_corpus_and_tasks(self.config, suite)
+            # Task families (workflow/tasks/families.yaml): one task per language; the offline
+            # ones only where the suite has a corpus.
+            expanded = [family_task(name, suite) for name in evaluation["families"]]
+            tasks = list(dict.fromkeys([*tasks, *(task for task in expanded
+                                                  if corpus or task not in OFFLINE_TASKS)]))
             if not tasks:
                 continue
             suite_specs[suite] = {"tasks": list(tasks), "data": None}
@@ -468,7 +543,32 @@ class Plan:
                 suite_inputs[suite] = data.path
         if not suite_specs:
             return
+        # A merge of a swept grid (several hyperparameter labels for its method) is also scored
+        # on the dev split of its languages' offline tasks (suite "<lang>_dev", the evalset's
+        # dev/ folder): the report chooses the grid point there and reports it on test.
+        suite_cli = dict(suite_inputs)
+        grid = subject["kind"] == "merge" and len({
+            variant.label for variants in self.merge_entries for variant in variants
+            if variant.method == subject["method"]
+            and (variant.multilingual if len(subject["langs"]) > 1 else variant.single)}) > 1
+        for suite in list(suite_specs) if grid else []:
+            offline = [task for task in suite_specs[suite]["tasks"] if task in OFFLINE_TASKS]
+            if suite != ENGLISH_SUITE and offline:
+                suite_specs[f"{suite}_dev"] = {"tasks": offline, "data": suite_specs[suite]["data"]}
+                suite_inputs[f"{suite}_dev"] = suite_inputs[suite]
+                suite_cli[f"{suite}_dev"] = f"{suite_inputs[suite]}/dev"
         subject = {**subject, "model_digest": model.digest, "path": model.path}
+        # Chat template per model role; null (instruct roles): the format the role was tuned
+        # in. CT-then-SFT trains with sft.chat_template; merges use the SFT's tokenizer.
+        chat = evaluation["chat_template"][subject["kind"]]
+        if chat is None:
+            sft = self.config["sft"]
+            hub_sft = sft["source"] == "hf" and subject["kind"] != "ctsft"
+            chat = "auto" if hub_sft else sft.get("chat_template", "auto")
+        # Multi-turn few-shot changes nothing without a template or examples: keep it out of
+        # the digest then, so toggling it reruns only the evaluations it changes.
+        multiturn = (evaluation["fewshot_as_multiturn"] and chat is not False
+                     and evaluation["num_fewshot"] > 0)
         recipe = {
             "stage": "evaluate",
             "model": model.digest,
@@ -480,6 +580,8 @@ class Plan:
                 "num_fewshot": evaluation["num_fewshot"],
                 "max_length": None,
                 "dtype": evaluation["dtype"],
+                "chat_template": chat,  # true, false or "auto"
+                "fewshot_as_multiturn": multiturn,
             },
         }
         if model.merge:
@@ -491,7 +593,7 @@ class Plan:
             subject=model.path.removeprefix("results/"),
             suites="+".join(suite_specs),
         )
-        artifact = replace(artifact, cli={**model.cli, "suite": suite_inputs})
+        artifact = replace(artifact, cli={**model.cli, "suite": suite_cli})
         self.evaluations.append(self._register(artifact))
 
     def _subject(self, kind: str, langs=(), tokens=None, variant=None) -> dict[str, Any]:
@@ -521,14 +623,22 @@ class Plan:
             for suite in [*langs, ENGLISH_SUITE]:
                 self._evaluate(ModelRef.of(model), self._subject(kind), [suite])
         budgets = sorted({tokens for lang in langs for tokens in language_budgets(config, lang)})
+        shared = config["merge_options"]["multilingual_budgets"] == "shared"
+        largest: dict[str, Artifact] = {}
         for tokens in budgets:
             cts = {
                 lang: self._language_chain(lang, tokens)
                 for lang in langs
                 if tokens in language_budgets(config, lang)
             }
-            if len(cts) > 1:
+            largest.update(cts)  # ascending budgets: each language's largest wins
+            if shared and len(cts) > 1:
                 self._merges_and_evaluations(cts, tokens, multilingual=True)
+        if not shared and len(largest) > 1:
+            # One multilingual merge of each language's largest budget (released CT models
+            # trained on different token counts), filed under the largest of them.
+            top = max(max(language_budgets(config, lang)) for lang in largest)
+            self._merges_and_evaluations(largest, top, multilingual=True)
 
     def _language_chain(self, lang: str, tokens: int) -> Artifact:
         """CT of one language at one budget, its baseline and merges; returns the CT model."""
@@ -537,8 +647,7 @@ class Plan:
             hub = {key: release[key] for key in ("id", "revision", "dtype")}
             ct = self._hub_import(hub, f"{self.name}-ct-{lang}-{tokens}")
         else:
-            data = self._prepare(self.tokenizer, self.config["languages"][lang]["corpus"], tokens)
-            ct = self._ct(self.base, data, lang, tokens)
+            ct = self._rung(lang, tokens)
         suites = [lang, ENGLISH_SUITE]
         self._evaluate(ModelRef.of(ct), self._subject("ct", [lang], tokens), suites)
         if self.config["ct_sft"]["enabled"]:

@@ -55,8 +55,8 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "pretrain": (*_TRAIN, "workflow/models.py"),
     "import_hf": ("workflow/models.py",),
     "import_gguf": ("workflow/models.py",),
-    "sft": _TRAIN,
-    "ct": _TRAIN,
+    "sft": (*_TRAIN, "workflow/instructions.py"),  # instructions: the SFT dataset's encoding
+    "ct": (*_TRAIN, "workflow/ladder.py"),  # ladder: one-run CT's blocks and steps
     "merge": _MERGE,
     "evaluate": (
         "workflow/evaluate.py",
@@ -65,7 +65,9 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
         "workflow/tasks/_lrm_bpb.yaml",
         *_MERGE,  # merge-on-load evaluations merge in memory
     ),
-    "report": ("workflow/report.py",),
+    "report": tuple(f"workflow/report/{name}.py" for name in (
+        "__init__", "claims", "html", "load", "plan", "plots", "stats", "tables", "timings",
+    )) + ("workflow/tasks/__init__.py", "workflow/tasks/families.yaml"),
 }
 # The module holding each recipe stage's STAGE_VERSIONS entry.
 VERSION_MODULES = {
@@ -79,7 +81,7 @@ VERSION_MODULES = {
     "ct": "workflow/train.py",
     "merge": "workflow/merge/__init__.py",
     "evaluate": "workflow/evaluate.py",
-    "report": "workflow/report.py",
+    "report": "workflow/report/__init__.py",
 }
 
 
