@@ -505,15 +505,22 @@ def _check_cross_keys(config: dict[str, Any], workdir: Path) -> None:
 
 
 def _check_processes(config: dict[str, Any], section: str, stage: str, train: dict) -> None:
-    """grad_accum counts micro-batches over all of a job's processes (one per GPU), so the
-    trainer refuses one that does not divide; refuse it here, before any job."""
+    """grad_accum counts micro-batches over all of a job's processes (one per GPU on each of
+    its nodes), so the trainer refuses one that does not divide; refuse it here, before any
+    job."""
     resources = config["resources"]
-    source = stage if "gpu" in resources.get(stage, {}) else "default"
-    gpus = resources.get(source, {}).get("gpu", 0)
-    if train["grad_accum"] % max(1, gpus):
+
+    def setting(key: str, default: int) -> tuple[int, str]:
+        source = stage if key in resources.get(stage, {}) else "default"
+        return resources.get(source, {}).get(key, default), f"resources.{source}.{key}"
+
+    (gpus, gpu_key), (nodes, node_key) = setting("gpu", 0), setting("nodes", 1)
+    processes = max(1, gpus) * max(1, nodes)
+    if train["grad_accum"] % processes:
+        across = f" on each of {nodes} nodes ({node_key})" if nodes > 1 else ""
         raise ConfigError(
             f"config key '{section}.grad_accum': {train['grad_accum']} must be a multiple of "
-            f"the {gpus} GPUs (processes) of a {stage} job (resources.{source}.gpu)"
+            f"the {processes} processes of a {stage} job: {gpus} GPUs ({gpu_key}){across}"
         )
 
 

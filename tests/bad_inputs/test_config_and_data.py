@@ -326,8 +326,13 @@ def test_snakemake_refuses_a_local_model_with_only_bin_weights(tmp_path):
                      "config key 'sft.train.min_lr': must not exceed lr (0.0001 > 1e-05)",
                      id="min-lr-above-lr"),
         pytest.param(lambda c: c.update(resources={"ct": {"gpu": 4}}),
-                     "config key 'ct.train.grad_accum': 1 must be a multiple of the 4 GPUs "
-                     "(processes) of a ct job (resources.ct.gpu)", id="grad-accum-vs-gpus"),
+                     "config key 'ct.train.grad_accum': 1 must be a multiple of the 4 processes "
+                     "of a ct job: 4 GPUs (resources.ct.gpu)", id="grad-accum-vs-gpus"),
+        pytest.param(lambda c: (c["ct"]["train"].update(grad_accum=4),
+                                c.update(resources={"ct": {"gpu": 2, "nodes": 3}})),
+                     "config key 'ct.train.grad_accum': 4 must be a multiple of the 6 processes "
+                     "of a ct job: 2 GPUs (resources.ct.gpu) on each of 3 nodes "
+                     "(resources.ct.nodes)", id="grad-accum-vs-gpus-across-nodes"),
         pytest.param(lambda c: c["merges"][1].update(lamda=0.5),
                      "config key 'merges[1].lamda' is not a known key (allowed: filter_wise, "
                      "lambda, method, ", id="unknown-merge-parameter"),
