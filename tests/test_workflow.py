@@ -52,6 +52,18 @@ def test_whole_dag_runs_and_writes_the_report(built):
     assert "| model | eu | gl | avg |" in table and "The papers' claims, checked" in table
 
 
+def test_snakemake_report_gathers_the_tables_and_plots_into_html(built):
+    workdir, config = built
+    html = workdir / "report.html"
+    snakemake(workdir, config, "--report", str(html))
+    text = html.read_text()
+    # Snakemake's report embeds each flagged file (report() on the report stage's output)
+    for name in ("tables.html", "claims.csv", "scores.csv", "budget_curves.png",
+                 "retention.png", "legend.csv"):
+        assert name in text, name
+    assert "lrmerge report" in text  # the category the rule's report() flags give
+
+
 def test_every_artifact_is_content_addressed(built):
     workdir, config = built
     results = workdir / "results"
