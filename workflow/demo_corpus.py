@@ -469,14 +469,20 @@ def build(
         write_json(tmp / "manifest.json", manifest)
         packages = ", ".join(PACKAGES[lang][0] for lang in langs)
         (tmp / "NOTICE").write_text(NOTICE.format(packages=packages, version=version))
-        write_recipe(tmp, recipe)
-        # mkdtemp/mkstemp create owner-only entries; shipped data should be world-readable.
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)  # only now, when the new corpus is complete (--force)
+        _seal(tmp, out, recipe)
     return manifest
+
+
+def _seal(tmp: Path, out: Path, recipe: dict[str, Any]) -> None:
+    """Finish a shipped dataset in its temporary directory: its recipe, world-readable modes
+    (mkdtemp/mkstemp create owner-only entries), and the old ``out`` removed only now that the
+    new one is complete (--force); atomic_dir then renames ``tmp`` into place."""
+    write_recipe(tmp, recipe)
+    tmp.chmod(0o755)
+    for path in tmp.iterdir():
+        path.chmod(0o644)
+    if out.exists():
+        shutil.rmtree(out)
 
 
 # --------------------------------------------------------------------------- SFT data
@@ -541,12 +547,7 @@ def write_instructions(corpus: Path, out: Path, force: bool = False) -> dict[str
             "(see its NOTICE)\nand stays under the Mozilla Public License, v. 2.0: "
             "https://www.mozilla.org/MPL/2.0/.\n"
         )
-        write_recipe(tmp, recipe)
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)  # only now, when the new dataset is complete (--force)
+        _seal(tmp, out, recipe)
     log.info("%s: %d topic instructions", out, len(instructions))
     return manifest
 

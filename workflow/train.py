@@ -178,6 +178,18 @@ def load_tokens(data_dir: str | Path) -> np.ndarray:
     return tokens
 
 
+def replay_prefix(replay_dir: str | Path, wanted: int, vocab_size: int, need: str
+                  ) -> np.ndarray:
+    """The first ``wanted`` tokens of the replay data (a map, no copy), checked against the
+    vocabulary; ``need`` says why that many (the error when the data holds fewer)."""
+    replay = load_tokens(replay_dir)
+    if replay.size < wanted:
+        raise ValueError(f"--replay {replay_dir} holds {replay.size:,} tokens; {need}")
+    replay = replay[:wanted]
+    check_vocab(replay, vocab_size, str(replay_dir))
+    return replay
+
+
 def check_vocab(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 24) -> None:
     # Chunk by chunk: a pass over a memory map that never holds more than a chunk in memory.
     if tokens.size == 0:
@@ -607,14 +619,8 @@ def _one_run_data(
     extra: dict[str, Any] = {"tokens_budget": budget, "epochs": 1, "schedule_steps": total}
     if share is not None and replay_dir is not None:
         if wanted:
-            replay = load_tokens(replay_dir)
-            if replay.size < wanted:
-                raise ValueError(
-                    f"--replay {replay_dir} holds {replay.size:,} tokens; the one CT run at "
-                    f"{budget:,} target tokens has trained {wanted:,} replay tokens"
-                )
-            replay = replay[:wanted]
-            check_vocab(replay, vocab, str(replay_dir))
+            replay = replay_prefix(replay_dir, wanted, vocab, f"the one CT run at {budget:,} "
+                                   f"target tokens has trained {wanted:,} replay tokens")
             replay_blocks = PackedBlocks(replay, train["seq_len"], eos)
         else:
             replay_blocks = []
@@ -1005,14 +1011,8 @@ def continual(
     extra: dict[str, Any] = {"tokens_budget": int(tokens.size), "epochs": train["epochs"]}
     if share is not None and replay_dir is not None:
         wanted = replay_tokens_for(int(tokens.size), share)
-        replay = load_tokens(replay_dir)
-        if replay.size < wanted:
-            raise ValueError(
-                f"--replay {replay_dir} holds {replay.size:,} tokens; a replay share of {share} "
-                f"next to {tokens.size:,} target tokens needs {wanted:,}"
-            )
-        replay = replay[:wanted]
-        check_vocab(replay, vocab, str(replay_dir))
+        replay = replay_prefix(replay_dir, wanted, vocab, f"a replay share of {share} next to "
+                               f"{tokens.size:,} target tokens needs {wanted:,}")
         if wanted:
             blocks = PackedBlocks(replay, train["seq_len"], tokenizer.eos_token_id)
             dataset = Interleaved(dataset, blocks)

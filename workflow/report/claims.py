@@ -28,7 +28,7 @@ import pandas as pd
 
 from workflow.report import stats
 from workflow.report.load import format_tokens, lower_is_better
-from workflow.report.tables import FamilyTable
+from workflow.report.tables import FamilyTable, paired_items
 from workflow.tasks import load_families
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -85,16 +85,10 @@ Pair = tuple[np.ndarray, np.ndarray]
 
 def _pairs(table: FamilyTable, label: str, reference: str) -> list[tuple[str, Pair]] | None:
     """(language, paired per-item values) of label vs reference, every language, or None."""
-    out = []
-    for lang in table.langs:
-        a = table.rows.get(label, {}).get(lang)
-        b = table.rows.get(reference, {}).get(lang)
-        pair = stats.aligned(a.items, b.items, table.metric) \
-            if a and b and a.items and b.items else None
-        if pair is None:
-            return None
-        out.append((lang, pair))
-    return out
+    pairs = paired_items(table, label, reference)
+    if any(pair is None for pair in pairs.values()):
+        return None
+    return list(pairs.items())
 
 
 def _pooled(metric: str, groups: list[tuple[float, list[tuple[str, Pair]]]]

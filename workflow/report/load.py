@@ -57,6 +57,17 @@ def _fail(path: Path, where: str, message: str) -> ReportError:
     return ReportError(f"{path}: {where} {message}")
 
 
+def _read_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file whose top level must be an object; errors name the file and ``what``."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as error:
+        raise ReportError(f"{path}: cannot read {what} as JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise _fail(path, "top level", f"must be a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -134,12 +145,7 @@ def load_score_file(path: str | Path, items: ItemIndex | None = None) -> list[di
     """One flat row per result of a score file written by ``workflow.evaluate``; its per-item
     results go into ``items`` when given."""
     path = Path(path)
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as error:
-        raise ReportError(f"{path}: cannot read score file as JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise _fail(path, "top level", f"must be a JSON object, got {type(data).__name__}")
+    data = _read_object(path, "score file")
     for key in ("digest", "subject", "results"):
         if key not in data:
             raise _fail(path, f"'{key}'", "is missing")
@@ -221,12 +227,7 @@ def load_train_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Training metrics files, each with the digest from the ``recipe.json`` beside it."""
     rows = []
     for path in map(Path, paths):
-        try:
-            data = read_json(path)
-        except (OSError, ValueError) as error:
-            raise ReportError(f"{path}: cannot read training metrics as JSON: {error}") from error
-        if not isinstance(data, dict):
-            raise _fail(path, "top level", f"must be a JSON object, got {type(data).__name__}")
+        data = _read_object(path, "training metrics")
         row: dict[str, Any] = {"path": str(path.parent)}
         for key in TRAIN_COLUMNS:
             value = data.get(key)

@@ -268,16 +268,25 @@ def table_markdown(table: FamilyTable) -> str:
 REFERENCES = ("CT-then-SFT", "CT")
 
 
+def paired_items(table: FamilyTable, label: str, reference: str
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+    """Per language, the per-item values of label and reference over the items both scored
+    (None where either has no per-item results)."""
+    out = {}
+    for lang in table.langs:
+        a = table.rows.get(label, {}).get(lang)
+        b = table.rows.get(reference, {}).get(lang)
+        out[lang] = stats.aligned(a.items, b.items, table.metric) \
+            if a and b and a.items and b.items else None
+    return out
+
+
 def compare(table: FamilyTable, label: str, reference: str
             ) -> dict[str, stats.Difference | None]:
     """label - reference per language (paired over items) and over the languages' average."""
     out: dict[str, stats.Difference | None] = {}
     pairs = []
-    for lang in table.langs:
-        a = table.rows.get(label, {}).get(lang)
-        b = table.rows.get(reference, {}).get(lang)
-        pair = stats.aligned(a.items, b.items, table.metric) \
-            if a and b and a.items and b.items else None
+    for lang, pair in paired_items(table, label, reference).items():
         out[lang] = stats.paired_difference(table.metric, [pair], keys=[lang]) if pair else None
         if pair:
             pairs.append(pair)
