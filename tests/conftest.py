@@ -5,9 +5,18 @@ every `snakemake` start pays for the SLURM executor plugin's import-time probe
 (`scontrol show config`, up to its 10 s timeout while no slurmctld answers); on a fresh CI
 machine the cluster test is what installs them, so every workflow test collected after it would
 pay that probe on each Snakemake start.
+
+Also shared: the tiny evaluation fixture of workflow.evaluate_benchmark, and the cleanup of
+evaluation workers (workflow/eval_worker.py) a test started.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +25,43 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     items.sort(key=lambda item: item.path.name == "test_slurm.py")  # stable: order kept otherwise
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """workflow.evaluate_benchmark's tiny random Llama and a 20-doc topic + bpb suite."""
+    from workflow import evaluate_benchmark
+
+    root = tmp_path_factory.mktemp("tiny-eval")
+    model, model_digest = evaluate_benchmark.build_model(root)
+    suite, suite_digest = evaluate_benchmark.build_suite(root, 20)
+    return {"model": model, "model_digest": model_digest, "suite": suite,
+            "suite_digest": suite_digest, "root": root}
+
+
+def eval_worker_pids(under: Path) -> list[int]:
+    """Evaluation workers (workflow/eval_worker.py) whose slot directory is under ``under``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"workflow.eval_worker" in part for part in cmdline) and any(
+                part.startswith(os.fsencode(under)) for part in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def eval_workers(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``, whose evaluation workers are killed at teardown (none may linger)."""
+    yield tmp_path
+    for pid in eval_worker_pids(tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -22,10 +22,11 @@ few-shot examples are earlier turns). "auto" applies it when the model's tokeniz
 template; true requires one. The score file records whether it was applied and the template's
 sha256 under ``chat_template``.
 
-Fixed cost: a job is one interpreter (workflow.launch runs a CPU stage in-process) whose time
-goes to importing torch, transformers and lm-eval, not to scoring. Nothing heavy is imported at
-module level; a process that evaluates several models (:func:`evaluate` called in turn, as
-``python -m workflow.evaluate_benchmark`` does) builds each set of tasks once
+Fixed cost: a fresh interpreter's time goes to importing torch, transformers and lm-eval, not
+to scoring, so a CPU evaluation job runs in a warm worker of its Snakemake run that imported
+them once (workflow/eval_worker.py, started by workflow.launch; else in the launcher's own
+process). Nothing heavy is imported at module level; a process that evaluates several models
+(a worker, or :func:`evaluate` called in turn) builds each set of tasks once
 (:func:`make_task_manager` caches lm-eval's TaskManager, whose registry index costs ~10 s).
 
     python -m workflow.evaluate --recipe '<json>' --model DIR --suite eu=DIR [--suite en=DIR]

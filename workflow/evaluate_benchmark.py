@@ -11,7 +11,11 @@ the way Snakemake starts one (``python -m workflow.launch --gpus 0 --nproc 1 -- 
   commit: ``git archive HEAD | tar -x -C DIR``): that tree's launcher and evaluate stage;
 - ``exec``: the launcher execs a second interpreter for the stage (LRMERGE_LAUNCH=exec, the
   behaviour before in-process launch);
-- ``inprocess``: the launcher runs the stage in its own interpreter (the default for a CPU job);
+- ``inprocess``: the launcher runs the stage in its own interpreter (LRMERGE_LAUNCH=inprocess;
+  the default for a CPU job other than an evaluation);
+- ``worker``: each job a thin client of a warm evaluation worker (workflow/eval_worker.py, the
+  default for a CPU evaluation job): the first job starts the worker (its imports are in that
+  job's time), the others find it warm. The worker's CPU time is counted with the job it ran;
 - ``shared``: every evaluation in one process, one after the other through
   :func:`workflow.evaluate.evaluate` (tasks built once, lm-eval imported once), the cost a
   planner-grouped batch would pay per model.
@@ -29,6 +33,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -42,7 +47,7 @@ from workflow.artifacts import digest_of, write_recipe
 from workflow.prompts import LABELS, TOPICS, topic_prompt
 
 PROJECT = Path(__file__).resolve().parent.parent
-MODES = ("exec", "inprocess", "shared")
+MODES = ("exec", "inprocess", "worker", "shared")
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
         "max_position_embeddings": 256}
 
@@ -110,20 +115,44 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a running process, 0 when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_worker_cpu: dict[int, float] = {}  # worker pid -> its CPU seconds counted so far
+
+
 def run_job(mode: str, recipe: dict[str, Any], model: Path, suite: Path, out: Path,
             tree: Path = PROJECT) -> tuple[float, float]:
-    """One evaluation job as Snakemake would start it; returns its wall and CPU seconds."""
+    """One evaluation job as Snakemake would start it; returns its wall and CPU seconds (in
+    ``worker`` mode the worker's CPU time since the job before is the job's too)."""
     cmd = [sys.executable, "-m", "workflow.launch", "--gpus", "0", "--threads", "1",
            "--nproc", "1", "--", "workflow.evaluate", "--recipe", json.dumps(recipe),
            "--model", str(model), "--suite", f"eu={suite}", "--out", str(out),
            "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(tree), "LRMERGE_LAUNCH": mode,
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start, cpu = time.perf_counter(), _children_cpu()
-    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the job's working directory: its
+    start, cpu = time.perf_counter(), _children_cpu()  # worker's slots go there, not into tree
+    proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True,
+                          check=False)
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if proc.returncode != 0:
         sys.exit(f"{mode} job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    if mode == "worker":
+        found = re.findall(r"job runs in worker pid (\d+)", proc.stderr)
+        if not found:
+            sys.exit(f"worker job ran in no worker:\n{proc.stderr[-3000:]}")
+        pid = int(found[-1])
+        total = _process_cpu(pid)
+        cpu += total - _worker_cpu.get(pid, 0.0)
+        _worker_cpu[pid] = total
     return wall, cpu
 
 

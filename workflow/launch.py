@@ -31,6 +31,10 @@ One process without a GPU lease (a CPU job, or a SLURM job's own allocation) run
 launcher's interpreter: the stage's main runs here, as ``python -m workflow.lifeline MODULE``
 would run it after an exec, armed the same way, sparing the job a second interpreter start
 (evaluation jobs are mostly fixed cost). LRMERGE_LAUNCH=exec keeps the exec for such jobs too.
+An evaluation job (``workflow.evaluate``) outside SLURM goes further: it becomes a thin client
+of a warm worker of the Snakemake run, which imported torch, transformers and lm-eval once
+(workflow/eval_worker.py); it runs here when no worker can take it (the reason logged), and
+LRMERGE_LAUNCH=inprocess (or exec) keeps it out of the workers.
 
 Otherwise the launcher replaces itself with the command (exec), so Snakemake's signals reach
 torchrun, srun or the stage directly, and the lock files stay held by that process until it
@@ -61,7 +65,9 @@ from workflow.artifacts import verify_inputs
 log = logging.getLogger("workflow.launch")
 
 RDZV_PORT = 29400  # torchrun's c10d default; the base of the port when HEAD is another host
-MODE_ENV = "LRMERGE_LAUNCH"  # "exec": exec a second interpreter even where in-process would do
+# "exec": exec a second interpreter even where in-process would do; "inprocess": no evaluation
+# worker; unset or "worker": evaluation jobs run in a warm worker (workflow/eval_worker.py).
+MODE_ENV = "LRMERGE_LAUNCH"
 
 
 @dataclass(frozen=True)
@@ -226,11 +232,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, args.threads // nproc))
     # No lease to hand over: the stage may run here instead of in an exec'd interpreter.
+    mode = env.get(MODE_ENV, "").strip().lower()
     in_process = (nproc == 1 and args.nodes == 1 and (not args.gpus or gpu.under_slurm())
-                  and env.get(MODE_ENV, "").strip().lower() != "exec")
+                  and mode != "exec")
+    worker = (in_process and command[0] == "workflow.evaluate" and not gpu.under_slurm()
+              and mode in ("", "worker"))
     log.info("running %s%s", shlex.join(command if in_process else argv_out),
-             " in this process" if in_process else "")
+             " in an evaluation worker" if worker else " in this process" if in_process else "")
     lifeline.prepare_exec(env)  # the stage (or srun) dies with its job (workflow/lifeline.py)
+    if worker:
+        from workflow import eval_worker
+
+        try:
+            code = eval_worker.run(command, env)
+        except Exception as error:  # noqa: BLE001 - the job can still run here
+            log.warning("evaluation worker failed (%r); running the job here", error)
+            code = None
+        if code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.exit(code)
+        log.info("running %s in this process", shlex.join(command))
     if in_process:
         sys.stdout.flush()
         run_in_process(command, env)
