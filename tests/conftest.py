@@ -7,7 +7,7 @@ machine the cluster test is what installs them, so every workflow test collected
 pay that probe on each Snakemake start.
 
 Also shared: the tiny evaluation fixture of workflow.evaluate_benchmark, and the cleanup of
-evaluation workers (workflow/eval_worker.py) a test started.
+evaluation workers (workflow/eval_worker/) a test started.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def tiny_eval_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def eval_worker_pids(under: Path) -> list[int]:
-    """Evaluation workers (workflow/eval_worker.py) whose slot directory is under ``under``."""
+    """Evaluation workers (workflow/eval_worker/) whose slot directory is under ``under``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -1,4 +1,4 @@
-"""Evaluation jobs through workflow.launch run in a warm worker (workflow/eval_worker.py):
+"""Evaluation jobs through workflow.launch run in a warm worker (workflow/eval_worker/):
 real launcher processes, real workers, the tiny model of workflow.evaluate_benchmark."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ sha256 under ``chat_template``.
 
 Fixed cost: a fresh interpreter's time goes to importing torch, transformers and lm-eval, not
 to scoring, so a CPU evaluation job runs in a warm worker of its Snakemake run that imported
-them once (workflow/eval_worker.py, started by workflow.launch; else in the launcher's own
+them once (workflow/eval_worker/, started by workflow.launch; else in the launcher's own
 process). Nothing heavy is imported at module level; a process that evaluates several models
 (a worker, or :func:`evaluate` called in turn) builds each set of tasks once
 (:func:`make_task_manager` caches lm-eval's TaskManager, whose registry index costs ~10 s).

@@ -13,7 +13,7 @@ the way Snakemake starts one (``python -m workflow.launch --gpus 0 --nproc 1 -- 
   behaviour before in-process launch);
 - ``inprocess``: the launcher runs the stage in its own interpreter (LRMERGE_LAUNCH=inprocess;
   the default for a CPU job other than an evaluation);
-- ``worker``: each job a thin client of a warm evaluation worker (workflow/eval_worker.py, the
+- ``worker``: each job a thin client of a warm evaluation worker (workflow/eval_worker/, the
   default for a CPU evaluation job): the first job starts the worker (its imports are in that
   job's time), the others find it warm. The worker's CPU time is counted with the job it ran;
 - ``shared``: every evaluation in one process, one after the other through

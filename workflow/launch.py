@@ -33,7 +33,7 @@ would run it after an exec, armed the same way, sparing the job a second interpr
 (evaluation jobs are mostly fixed cost). LRMERGE_LAUNCH=exec keeps the exec for such jobs too.
 An evaluation job (``workflow.evaluate``) outside SLURM goes further: it becomes a thin client
 of a warm worker of the Snakemake run, which imported torch, transformers and lm-eval once
-(workflow/eval_worker.py); it runs here when no worker can take it (the reason logged), and
+(workflow/eval_worker/); it runs here when no worker can take it (the reason logged), and
 LRMERGE_LAUNCH=inprocess (or exec) keeps it out of the workers.
 
 Otherwise the launcher replaces itself with the command (exec), so Snakemake's signals reach
@@ -66,7 +66,7 @@ log = logging.getLogger("workflow.launch")
 
 RDZV_PORT = 29400  # torchrun's c10d default; the base of the port when HEAD is another host
 # "exec": exec a second interpreter even where in-process would do; "inprocess": no evaluation
-# worker; unset or "worker": evaluation jobs run in a warm worker (workflow/eval_worker.py).
+# worker; unset or "worker": evaluation jobs run in a warm worker (workflow/eval_worker/).
 MODE_ENV = "LRMERGE_LAUNCH"
 
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
              " in an evaluation worker" if worker else " in this process" if in_process else "")
     lifeline.prepare_exec(env)  # the stage (or srun) dies with its job (workflow/lifeline.py)
     if worker:
-        from workflow import eval_worker
+        from workflow.eval_worker import client as eval_worker
 
         try:
             code = eval_worker.run(command, env)
