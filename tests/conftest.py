@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from workflow_utils import eval_worker_pids
 
 
 def pytest_collection_modifyitems(
@@ -40,22 +41,6 @@ def tiny_eval_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     suite, suite_digest = evaluate_benchmark.build_suite(root, 20)
     return {"model": model, "model_digest": model_digest, "suite": suite,
             "suite_digest": suite_digest, "root": root}
-
-
-def eval_worker_pids(under: Path) -> list[int]:
-    """Evaluation workers (workflow/eval_worker/) whose slot directory is under ``under``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"workflow.eval_worker" in part for part in cmdline) and any(
-                part.startswith(os.fsencode(under)) for part in cmdline):
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import eval_worker_pids
-from workflow_utils import snakemake
+from workflow_utils import eval_worker_pids, snakemake
 
 from workflow import eval_worker, evaluate, evaluate_benchmark, launch, lifeline
 

@@ -94,3 +94,19 @@ def with_changes(config: dict[str, Any], change) -> dict[str, Any]:
     changed = copy.deepcopy(config)
     change(changed)
     return changed
+
+
+def eval_worker_pids(under: Path) -> list[int]:
+    """Evaluation workers (workflow/eval_worker/) whose slot directory is under ``under``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"workflow.eval_worker" in part for part in cmdline) and any(
+                part.startswith(os.fsencode(under)) for part in cmdline):
+            found.append(int(entry.name))
+    return found
