@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,40 @@ def test_interleaved_order_matches_the_sorted_keys():
             assert got == sorted_order(targets, replays), (targets, replays)
             with pytest.raises(IndexError):
                 mixed[len(mixed)]
+
+
+def test_prepare_reads_a_generic_tokenizer_without_transformers_and_the_same_ids(
+        tmp_path, corpus, tokenizer_dir):
+    """A generic fast tokenizer is used straight from its tokenizer.json (no transformers, no
+    torch at start-up) and gives the ids transformers gives; a model-specific class goes
+    through transformers."""
+    fast = data.load_tokenizer(tokenizer_dir)
+    assert isinstance(fast, data.RustTokenizer)
+    slow = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert fast.eos_token_id == slow.eos_token_id and len(fast) == len(slow)
+    assert data.vocab_size_of(fast) == data.vocab_size_of(slow)
+    docs = [r["text"] for r in read_corpus(corpus)] + ["</s> special <pad> in text"]
+    ids_fast = np.concatenate([ids for ids, _ in data.token_chunks(docs, fast)])
+    ids_slow = np.concatenate([ids for ids, _ in data.token_chunks(docs, slow)])
+    np.testing.assert_array_equal(ids_fast, ids_slow)
+    assert ids_fast.tolist()[:-1] == [
+        i for d in docs for i in [*slow(d, add_special_tokens=False)["input_ids"],
+                                  slow.eos_token_id]][:-1]
+    # the stage itself imports neither
+    out = tmp_path / "out"
+    probe = ("import json, sys; from pathlib import Path; from workflow import data; "
+             f"data.prepare(json.loads({recipe(tokens=50)!r}), Path({str(corpus)!r}), "
+             f"Path({str(tokenizer_dir)!r}), Path({str(out)!r})); "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=Path(data.__file__).parent.parent, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert np.load(out / "tokens.npy").size == 50
+
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    specific = tmp_path / "specific"
+    specific.mkdir()
+    (specific / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (specific / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast"}))
+    assert not isinstance(data.load_tokenizer(specific), data.RustTokenizer)

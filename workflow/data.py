@@ -222,15 +222,75 @@ def write_tokens(
     raise _too_little(corpus, filled + held, budget)
 
 
-def prepare(recipe: dict[str, Any], corpus: Path, tokenizer_dir: Path, out: Path) -> None:
+# transformers' tokenizer classes that use a tokenizer.json as it is (model-specific classes may
+# adjust its normalizer or pre-tokenizer on load).
+GENERIC_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+
+
+class RustTokenizer:
+    """A generic fast tokenizer's ``tokenizer.json``, used the way transformers uses it, but
+    without importing transformers (and torch with it): 2-3 s of start-up that a ``prepare``
+    job, mostly encoding, need not pay. Offers what ``token_chunks`` and ``vocab_size_of``
+    use of a transformers tokenizer."""
+
+    is_fast = True
+    split_special_tokens = False
+
+    def __init__(self, backend: Any, eos_token_id: int) -> None:
+        self.backend_tokenizer = backend
+        self.eos_token_id = eos_token_id
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+
+def _rust_tokenizer(tokenizer_dir: Path) -> RustTokenizer | None:
+    """The tokenizer of ``tokenizer_dir`` without transformers, where that is the same tokenizer:
+    a generic class, its tokenizer.json, its added tokens already in that file, and an EOS
+    token; else None."""
+    try:
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(config, dict) or config.get("tokenizer_class") not in
+            GENERIC_TOKENIZER_CLASSES or config.get("split_special_tokens")
+            or not (tokenizer_dir / "tokenizer.json").is_file()):
+        return None
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    for token_id, spec in (config.get("added_tokens_decoder") or {}).items():
+        content = spec.get("content") if isinstance(spec, dict) else None
+        if not str(token_id).isdigit() or backend.id_to_token(int(token_id)) != content:
+            return None  # transformers would add it to the backend
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = backend.token_to_id(eos) if isinstance(eos, str) else None
+    return RustTokenizer(backend, eos_id) if eos_id is not None else None
+
+
+def load_tokenizer(tokenizer_dir: Path) -> Any:
+    """The tokenizer ``prepare`` encodes with: a generic fast tokenizer straight from its
+    tokenizer.json (:class:`RustTokenizer`), any other through transformers' AutoTokenizer."""
+    fast = _rust_tokenizer(Path(tokenizer_dir))
+    if fast is not None:
+        return fast
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    tokenizer.model_max_length = sys.maxsize  # whole documents are tokenized, then packed
+    return tokenizer
+
+
+def prepare(recipe: dict[str, Any], corpus: Path, tokenizer_dir: Path, out: Path) -> None:
     params = recipe["params"]
     budget = int(params["tokens"])
     if budget < 1:
         raise ValueError(f"prepare params: tokens must be >= 1, got {budget}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
-    tokenizer.model_max_length = sys.maxsize  # whole documents are tokenized, then packed
+    tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer has no eos token; cannot separate documents of {corpus}")
     dtype = token_dtype(vocab_size_of(tokenizer))

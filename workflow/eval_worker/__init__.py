@@ -13,8 +13,9 @@ work to a long-lived process of the same Snakemake run that has paid the fixed c
   ``flock`` on ``slot-<i>.lock``, i = 0, 1, ... (at most one per CPU), and holds it for the
   whole job: one job per worker at a time, and concurrent jobs (``--cores 2``) get different
   workers. Only the holder of a slot's lock ever starts its worker.
-- Worker. Listens on the Unix socket ``slot-<i>.sock`` (a short path under /tmp, keyed by a
-  hash, when that path is too long for AF_UNIX). Where nothing answers, the client starts it
+- Worker. Listens on a Unix socket under the temp directory (``lrmerge-ew-<uid>/<hash of the
+  slot directory>-<i>.sock``: not in the working directory, which stays copyable; removed when
+  the worker ends). Where nothing answers, the client starts it
   detached (its own session, output to ``slot-<i>.log``) and waits for the socket. It imports
   torch, transformers, lm-eval and workflow.evaluate first, inside the job's kind of HF cache
   settings (see Modes), and then serves one job at a time; lm-eval's TaskManager stays cached
@@ -115,14 +116,12 @@ def job_mode(argv: list[str]) -> str:
 
 
 def slot_socket(slot_dir: Path, slot: int) -> Path | None:
-    """The socket of ``slot``: in the slot directory, or under /tmp where that path is too
-    long for AF_UNIX; None if even that is."""
-    path = slot_dir / f"slot-{slot}.sock"
-    if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
-        return path
-    key = hashlib.sha256(os.fsencode(slot_dir)).hexdigest()[:16]
-    short = Path(tempfile.gettempdir()) / f"lrmerge-ew-{os.getuid()}" / f"{key}-{slot}.sock"
-    return short if len(os.fsencode(short)) <= SOCKET_PATH_MAX else None
+    """The socket of ``slot``: under the temp directory, keyed by a hash of the slot directory,
+    never in the working directory (a socket file there would break copying it, and a path
+    inside it may be too long for AF_UNIX); None if even that path is too long."""
+    key = hashlib.sha256(os.fsencode(slot_dir.resolve())).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"lrmerge-ew-{os.getuid()}" / f"{key}-{slot}.sock"
+    return path if len(os.fsencode(path)) <= SOCKET_PATH_MAX else None
 
 
 def send_json(sock: socket.socket, message: dict[str, Any]) -> None:

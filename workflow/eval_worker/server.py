@@ -78,6 +78,14 @@ class Worker:
         (self.slot_dir / f"slot-{self.slot}.pid").write_text(f"{os.getpid()}\n")
         self.say("ready in %.1f s (%s mode), owner pid %d", time.monotonic() - start,
                  self.mode, self.owner[0])
+        try:
+            self.loop(listener)
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def loop(self, listener: socket.socket) -> None:
         last = time.monotonic()
         while True:
             if not lifeline.alive(self.owner):
