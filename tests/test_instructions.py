@@ -186,9 +186,9 @@ def test_sft_on_a_chat_dataset_trains_only_the_assistant_turns(tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in chats])
     out = tmp_path / "sft"
     sft_recipe = {
-        "stage": "sft", "version": "2",
+        "stage": "sft", "version": "3",
         "params": {"examples": len(chats), "select": "first", "chat_template": True,
-                   "data": {"format": "messages"},
+                   "group_by_length": True, "data": {"format": "messages"},
                    "train": {"lr": 1e-3, "min_lr": 1e-4, "batch_size": 4, "seq_len": 64,
                              "epochs": 1, "seed": 0}},
         "dataset": {"sha256": sha256_file(data)},
@@ -218,8 +218,9 @@ def test_sft_on_a_chat_dataset_trains_only_the_assistant_turns(tmp_path):
 
 def test_sft_stage_checks_its_data_before_loading_the_model(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
-    recipe = {"stage": "sft", "version": "2",
-              "params": {"examples": 1, "select": "first", "chat_template": "auto", "data": {},
+    recipe = {"stage": "sft", "version": "3",
+              "params": {"examples": 1, "select": "first", "chat_template": "auto",
+                         "group_by_length": True, "data": {},
                          "train": {"seq_len": 64}},
               "dataset": {"sha256": sha256_file(data)}}
     args = ["sft", "--recipe", json.dumps(recipe), "--model", str(tmp_path / "no-model"),

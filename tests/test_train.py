@@ -168,7 +168,8 @@ def chain(tmp_path_factory) -> dict:
     sft = root / "sft"
     instructions = write_instructions(root / "en-topic.jsonl", en)
     sft_recipe = {
-        **recipe("sft", examples=60, select="first", chat_template="auto", data={},
+        **recipe("sft", examples=60, select="first", chat_template="auto", group_by_length=True,
+                 data={},
                  train={**TRAIN, "lr": 5e-3, "epochs": 2}),
         "dataset": {"sha256": sha256_file(instructions)},
     }
@@ -441,3 +442,51 @@ def test_new_train_params_are_checked():
         train.train_params({"train": {**TRAIN, "lora": {}, "fsdp": "full_shard auto_wrap"}})
     with pytest.raises(ValueError, match="share"):
         train.replay_params({"replay": {"share": 1.0}})
+
+
+def test_sft_logits_at_targets_only_give_the_full_loss_and_gradients(chain, tmp_path):
+    """The SFT trainer's LM head sees only the rows whose next token is a target: the loss and
+    every gradient match the full-vocabulary forward."""
+    from transformers import TrainingArguments
+
+    data = topic_dataset(chain["tokenizer"], chain["en"], 16)
+    collator = train.CountingCollator(chain["tokenizer"].pad_token_id)
+    batch = collator(data)
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert targets < batch["labels"][:, 1:].numel() / 2  # most positions are prompt or padding
+    trainer_cls, _ = train._trainer_classes()
+    results = []
+    for only in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(chain["ct"])
+        trainer = trainer_cls(model=model, args=TrainingArguments(
+            output_dir=str(tmp_path / str(only)), use_cpu=True, report_to="none"))
+        trainer.target_logits_only = only
+        seen = []
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda _m, _args, out: seen.append(out.shape))
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(targets))
+        hook.remove()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        # The head computed every position, or exactly the target rows.
+        assert seen[0][:-1] == ((targets,) if only else batch["input_ids"].shape)
+    (full, full_grads), (only, only_grads) = results
+    torch.testing.assert_close(only, full, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(only_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_grouped_batches_are_a_function_of_seed_and_epoch():
+    lengths = [random.Random(i).randint(3, 120) for i in range(400)]
+    sampler = train.LengthGroupedEpochs(lengths, 8, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(400)) and list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(train.LengthGroupedEpochs(lengths, 8, seed=3)) == first  # no global RNG state
+
+    def padded(order: list[int]) -> int:
+        return sum(8 * max(lengths[i] for i in order[k:k + 8]) for k in range(0, 400, 8))
+
+    shuffled = random.Random(0).sample(range(400), 400)
+    assert padded(first) < 0.7 * padded(shuffled)

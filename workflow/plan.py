@@ -372,6 +372,7 @@ class Plan:
                 "examples": sft["examples"],
                 "select": sft["select"],
                 "chat_template": sft["chat_template"],
+                "group_by_length": sft["group_by_length"],
                 "data": format_params(sft["data"]),
                 "train": sft["train"],
             },

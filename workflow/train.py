@@ -40,9 +40,14 @@ tokens.npy (it must hold at least that many) and packed into blocks of their own
 interleaved evenly with the target blocks. Both counts are recorded.
 
 SFT (sft only): recipe["params"] holds examples, select (first | sample), chat_template (auto |
-true | false) and data (how records read), and recipe["dataset"] the data: {"sha256"} of the
-local file given as --dataset (checked), or the hub dataset {hub, revision, subset, data_files,
-split}. Reading, chat templates, response-only labels and truncation: workflow/instructions.py.
+true | false), group_by_length (bool) and data (how records read), and recipe["dataset"] the
+data: {"sha256"} of the local file given as --dataset (checked), or the hub dataset {hub,
+revision, subset, data_files, split}. Reading, chat templates, response-only labels and
+truncation: workflow/instructions.py. The LM head runs on the response positions only (a forward
+pre-hook hands it those rows; the model's own loss function takes the matching targets as
+``shift_labels``): the same loss, without the full-vocabulary logits of every prompt token. With
+group_by_length (the default) micro-batches hold examples of similar lengths, in an order fixed
+by the seed and the epoch (so a resumed run takes the same batches): far less padding.
 
 Token budgets are exact. tokens.npy is read as one stream (documents already end in EOS) and
 cut into blocks of seq_len tokens that overlap by one token: block k is
@@ -95,6 +100,7 @@ import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +124,7 @@ from workflow.ladder import RunShape, check_budget, replay_ratio, schedule_spec,
 log = logging.getLogger("workflow.train")
 
 # Bump when a change here changes what a stage writes (see workflow/stages.py).
-STAGE_VERSIONS = {"pretrain": "1", "sft": "2", "ct": "1"}
+STAGE_VERSIONS = {"pretrain": "1", "sft": "3", "ct": "1"}
 IGNORE = -100
 CHECKPOINT_DONE = "lrmerge-complete"  # written after the Trainer finished a checkpoint
 WORK_META = "work.json"
@@ -674,6 +680,36 @@ def apply_lora(model: Any, lora: dict[str, Any]) -> Any:
     return get_peft_model(model, config)
 
 
+def _target_rows(keep: torch.Tensor, head: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of the LM head: the hidden states of the positions whose next token is
+    a target (``keep``: batch × (width - 1)), as rows; a full-vocabulary logit for a prompt
+    token is never used by an answer-only loss, and is most of a small model's step."""
+    return (args[0][:, :-1][keep], *args[1:])
+
+
+class LengthGroupedEpochs(torch.utils.data.Sampler):
+    """transformers' length grouping (shuffle, sort within mega-batches of 50 micro-batches,
+    longest first), drawn from a generator seeded by (seed, epoch) alone: a resumed run takes
+    the same batches as one never stopped (the Trainer's own sampler draws from the global
+    generator, whose state at an epoch's start a resume does not restore)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size,
+                                               generator=generator))
+
+
 def _trainer_classes() -> tuple[type, type]:
     """The Trainer subclass and checkpoint callback (imported late: transformers is slow)."""
     from transformers import Trainer, TrainerCallback
@@ -688,7 +724,16 @@ def _trainer_classes() -> tuple[type, type]:
         sequential = False
         schedule_steps: int | None = None
 
+        # SFT: micro-batches of similar lengths (less padding), in an order fixed per epoch.
+        group_by_length = False
+
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            if self.group_by_length:
+                dataset = self.train_dataset if train_dataset is None else train_dataset
+                return LengthGroupedEpochs(
+                    [len(dataset[i]["input_ids"]) for i in range(len(dataset))],
+                    self.args.per_device_train_batch_size, self.args.seed,
+                )
             if self.sequential:
                 dataset = self.train_dataset if train_dataset is None else train_dataset
                 return torch.utils.data.SequentialSampler(dataset)
@@ -696,6 +741,23 @@ def _trainer_classes() -> tuple[type, type]:
 
         def create_scheduler(self, num_training_steps, optimizer=None):  # noqa: ANN001, ANN202
             return super().create_scheduler(self.schedule_steps or num_training_steps, optimizer)
+
+        # SFT: the LM head runs on the positions that have a target (the responses) only.
+        target_logits_only = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN202
+            if not self.target_logits_only:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            targets = inputs["labels"][:, 1:]
+            keep = targets != IGNORE
+            hook = head.register_forward_pre_hook(partial(_target_rows, keep))
+            try:
+                # The model's own loss, over the kept rows (shift_labels: already shifted).
+                return super().compute_loss(model, {**inputs, "shift_labels": targets[keep]},
+                                            return_outputs, num_items_in_batch)
+            finally:
+                hook.remove()
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
             counts = inputs.pop("token_counts").tolist()
@@ -732,12 +794,16 @@ def run_training(
     meta: dict[str, Any],
     schedule_steps: int | None = None,
     seed_from: Path | None = None,
+    target_logits_only: bool = False,
+    group_by_length: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Train ``model`` with the Trainer, resuming from ``workdir``'s checkpoints.
 
     With ``schedule_steps`` (one-run CT) the blocks are taken in order and the learning-rate
     schedule spans that many steps, of which this job runs its dataset's; without a checkpoint
-    of its own the job starts from ``seed_from``, a lower checkpoint's resume state.
+    of its own the job starts from ``seed_from``, a lower checkpoint's resume state. With
+    ``target_logits_only`` (SFT) the LM head computes logits only where the loss has a target;
+    with ``group_by_length`` micro-batches hold examples of similar lengths.
 
     Returns the trained model (LoRA folded in), the Trainer (for a sharded state dict), and the
     metrics that go in metrics.json.
@@ -803,6 +869,9 @@ def run_training(
     marks.trainer = trainer
     if schedule_steps is not None:
         trainer.sequential, trainer.schedule_steps = True, schedule_steps
+    # Needs a forward that passes loss kwargs (shift_labels) on to the model's loss function.
+    trainer.target_logits_only = target_logits_only and trainer.model_accepts_loss_kwargs
+    trainer.group_by_length = group_by_length
     resumed_step = 0
     resumed_tokens = resumed_inputs = 0  # over all processes; the checkpoint is rotated away later
     if resume is not None:
@@ -860,6 +929,8 @@ def _finish(
     extra: dict[str, Any],
     allow_nonfinite: bool = False,
     run: OneRun | None = None,
+    target_logits_only: bool = False,
+    group_by_length: bool = False,
 ) -> None:
     train = train_params(recipe["params"])
     _check_seq_len(model, train["seq_len"])
@@ -870,6 +941,8 @@ def _finish(
         model, dataset, collator, train, workdir, meta,
         schedule_steps=run.schedule_steps if run else None,
         seed_from=run.lower if run else None,
+        target_logits_only=target_logits_only,
+        group_by_length=group_by_length,
     )
     final = workdir / f"checkpoint-{trainer.state.global_step}"
     if run is not None:
@@ -1038,6 +1111,11 @@ def sft_params(recipe: dict[str, Any], dataset: Path | None) -> dict[str, Any]:
             "sft params: 'chat_template' must be auto, true or false, got "
             f"{params.get('chat_template')!r}"
         )
+    if not isinstance(params.get("group_by_length"), bool):
+        raise ValueError(
+            "sft params: 'group_by_length' must be true or false, got "
+            f"{params.get('group_by_length')!r}"
+        )
     spec = validate_fragment("instruction_data", params.get("data", {}), "params.data")
     ref = recipe.get("dataset")
     if isinstance(ref, dict) and set(ref) == set(HUB_KEYS):
@@ -1106,7 +1184,8 @@ def sft(
         "records_read": available,
         "chat_template": templated,
     }
-    _finish(model, tokenizer, kept, collator, recipe, out, stored, extra, allow_nonfinite)
+    _finish(model, tokenizer, kept, collator, recipe, out, stored, extra, allow_nonfinite,
+            target_logits_only=True, group_by_length=params["group_by_length"])
 
 
 # --------------------------------------------------------------------------- CLI
