@@ -463,7 +463,7 @@ def test_sft_logits_at_targets_only_give_the_full_loss_and_gradients(chain, tmp_
         trainer.target_logits_only = only
         seen = []
         head = model.get_output_embeddings()
-        hook = head.register_forward_hook(lambda _m, _args, out: seen.append(out.shape))
+        hook = head.register_forward_hook(lambda _m, _args, out, seen=seen: seen.append(out.shape))
         loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(targets))
         hook.remove()
         loss.backward()
