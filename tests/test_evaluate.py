@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from workflow import evaluate as ev
 from workflow.artifacts import digest_of, read_json, write_recipe
-from workflow.prompts import LABELS, TOPICS, topic_answer, topic_prompt
+from workflow.prompts import LABELS, TOPICS, topic_answer, topic_prompt, topic_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def _eval_dir(path: Path, topic: list[tuple[str, int]] | None, heldout: list[str
     if topic is not None:
         _write_jsonl(
             path / "topic.jsonl",
-            [{"text": t, "label": label, "topic": TOPICS[label]} for t, label in topic],
+            [topic_record(t, TOPICS[label]) for t, label in topic],
         )
     _write_jsonl(path / "heldout.jsonl", [{"text": t} for t in heldout])
     recipe = {"stage": "evalset", "version": "1", "params": {"lang": path.name}}
@@ -246,8 +247,13 @@ def test_inputs_validated_before_running(tiny_model, suites, tmp_path):
 
 def test_bad_label_named_with_line(tmp_path):
     path = tmp_path / "topic.jsonl"
-    _write_jsonl(path, [{"text": "a", "label": 0}, {"text": "b", "label": len(LABELS)}])
+    _write_jsonl(path, [{"text": "a", "prompt": topic_prompt("a"), "label": 0},
+                        {"text": "b", "prompt": topic_prompt("b"), "label": len(LABELS)}])
     with pytest.raises(ev.EvaluateError, match=r"topic\.jsonl:2: 'label'"):
+        ev._check_records(path, "topic")
+    # An evalset from before the prompt field would be scored on the literal word "prompt".
+    _write_jsonl(path, [{"text": "a", "label": 0}])
+    with pytest.raises(ev.EvaluateError, match=r"topic\.jsonl:1: 'prompt' must be"):
         ev._check_records(path, "topic")
 
 
@@ -419,3 +425,24 @@ def test_plan_sets_the_chat_template_per_model_role(tmp_path):
     config["evaluation"]["chat_template"] = {"sft": "yes"}
     with pytest.raises(ValueError, match="chat_template"):
         validate_config(config, PROJECT)
+
+
+def test_task_dirs_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """A SIGKILLed evaluation leaves its task directory behind (no exit hooks): the next
+    evaluation process removes those whose process is gone, and only those."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_dir = tmp_path / f"lrmerge-tasks-{gone.pid}-abc"
+        live_dir = tmp_path / f"lrmerge-tasks-{alive.pid}-def"
+        other = tmp_path / "lrmerge-tasks-notapid"
+        for directory in (dead_dir, live_dir, other):
+            (directory / "x").mkdir(parents=True)
+        ev._remove_orphaned_task_roots()
+        assert not dead_dir.exists()
+        assert live_dir.exists() and other.exists()
+    finally:
+        alive.kill()
+        alive.wait()

@@ -10,10 +10,10 @@ It streams: documents are read one at a time, tokenized in batches by the tokeni
 batch encoding, and written through short-lived maps of the output file, so its memory does
 not grow with the corpus or the budget; it stops reading once the budget is met. Readers map
 the file (``np.load(path, mmap_mode="r")``). Too little text is an error that says how many
-tokens the corpus holds. ``evalset`` writes the held-out split as
-``topic.jsonl`` (paragraphs with an English topic label, when the corpus has topics) and
-``heldout.jsonl`` (text for bits-per-byte), and a dev part of it (``dev/``, the same files)
-for choosing hyperparameters.
+tokens the corpus holds. ``evalset`` writes the held-out split as ``topic.jsonl``
+(paragraphs with their topic prompt and an English topic label, when the corpus has topics)
+and ``heldout.jsonl`` (text for bits-per-byte), and a dev part of it (``dev/``, the same
+files) for choosing hyperparameters.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import numpy as np
 
 from workflow.artifacts import atomic_dir, parse_recipe_arg, write_json, write_recipe
 from workflow.corpus import dev_or_test, iter_corpus, read_corpus
-from workflow.prompts import TOPICS
+from workflow.prompts import TOPICS, topic_record
 
 log = logging.getLogger("workflow.data")
 # Bump when a change here changes what a stage writes (see workflow/stages.py).
 # prepare 2: tokens.npy holds the smallest unsigned type for the vocabulary (was int32).
-STAGE_VERSIONS = {"prepare": "2", "evalset": "2"}  # evalset 2: a dev split
+STAGE_VERSIONS = {"prepare": "2", "evalset": "3"}  # 2: a dev split; 3: topic prompts
 ENCODE_BATCH = 512  # documents per call of the tokenizer's batch encoding
 BATCH_CHARS = 2_000_000  # ...and at most this many characters, so long documents stay bounded
 WRITE_WINDOW = 1 << 22  # tokens gathered, then written through one short-lived map of the file
@@ -329,7 +329,7 @@ def _eval_rows(records: list[dict[str, Any]], params: dict[str, Any]
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     labelled = [r for r in records if r.get("topic") in TOPICS]
     topic_rows = [
-        {"text": r["text"], "label": TOPICS.index(r["topic"]), "topic": r["topic"]}
+        topic_record(r["text"], r["topic"])
         for r in _stable_sample(labelled, params["max_topic_docs"])
     ]
     heldout_rows = [{"text": r["text"]} for r in _stable_sample(records,

@@ -1,7 +1,8 @@
 """Evaluate one model on per-language suites of lm-eval tasks, in one job (one model load).
 
 A suite is a language's eval-data directory from the ``evalset`` stage (``topic.jsonl`` with
-``{"text", "label", "topic"}`` lines, ``heldout.jsonl`` with ``{"text"}`` lines, recipe.json).
+``{"text", "prompt", "label", "topic"}`` lines, ``heldout.jsonl`` with ``{"text"}`` lines,
+recipe.json).
 Task names in the recipe:
 
 - ``topic``: the project's offline cross-lingual topic classification, lm-eval task
@@ -66,7 +67,7 @@ from workflow.artifacts import (
     write_json,
 )
 from workflow.corpus import iter_jsonl
-from workflow.prompts import LABELS
+from workflow.prompts import LABELS, topic_prompt
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,13 @@ def _check_records(path: Path, kind: str) -> int:
                     f"{path}:{number}: 'label' must be an integer in [0, {len(LABELS)}), "
                     f"got {label!r}"
                 )
+            # The task reads the prompt as a field (no Jinja per document); an older evalset
+            # without it would be scored on the literal word "prompt".
+            if record.get("prompt") != topic_prompt(text):
+                raise EvaluateError(
+                    f"{path}:{number}: 'prompt' must be workflow.prompts.topic_prompt(text), "
+                    f"got {record.get('prompt')!r} (an evalset from before evalset version 3?)"
+                )
         count += 1
     if count == 0:
         raise EvaluateError(f"{path} holds no records")
@@ -286,13 +294,29 @@ def task_yamls(planned: list[PlannedTask]) -> dict[str, str]:
 _task_root: Path | None = None  # this process's task directories, removed at exit
 
 
+def _remove_orphaned_task_roots() -> None:
+    """Remove the task directories of processes that are gone without their exit hooks (a
+    SIGKILLed evaluation or worker): named lrmerge-tasks-PID-…, their PID no longer running."""
+    for root in Path(tempfile.gettempdir()).glob("lrmerge-tasks-*-*"):
+        pid = root.name.removeprefix("lrmerge-tasks-").split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(root, ignore_errors=True)
+        except PermissionError:  # another user's process: alive, and not ours to tidy
+            continue
+
+
 def process_task_dir(planned: list[PlannedTask]) -> Path:
     """The directory of ``planned``'s offline task YAMLs in this process, named by their
     content: evaluations of the same tasks share it, and so the TaskManager built over it."""
     global _task_root
     texts = task_yamls(planned)
     if _task_root is None:
-        _task_root = Path(tempfile.mkdtemp(prefix="lrmerge-tasks-"))
+        _remove_orphaned_task_roots()
+        _task_root = Path(tempfile.mkdtemp(prefix=f"lrmerge-tasks-{os.getpid()}-"))
         atexit.register(shutil.rmtree, _task_root, True)
     dest = _task_root / hashlib.sha256(canonical_json(texts).encode()).hexdigest()[:16]
     if not dest.is_dir():

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from workflow.artifacts import digest_of, write_recipe
-from workflow.prompts import LABELS, TOPICS, topic_prompt
+from workflow.prompts import LABELS, TOPICS, topic_prompt, topic_record
 
 PROJECT = Path(__file__).resolve().parent.parent
 MODES = ("exec", "inprocess", "worker", "shared")
@@ -75,8 +75,8 @@ def build_suite(root: Path, docs: int) -> tuple[Path, str]:
     """An evalset-shaped directory: ``docs`` topic paragraphs and held-out texts."""
     out = root / "eu"
     out.mkdir(parents=True)
-    topic = [{"text": f"Paragraph {i} about a {LABELS[i % len(LABELS)]}.",
-              "label": i % len(LABELS), "topic": TOPICS[i % len(LABELS)]} for i in range(docs)]
+    topic = [topic_record(f"Paragraph {i} about a {LABELS[i % len(LABELS)]}.",
+                          TOPICS[i % len(LABELS)]) for i in range(docs)]
     heldout = [{"text": topic_prompt(f"held-out text {i}")} for i in range(docs)]
     for name, records in (("topic.jsonl", topic), ("heldout.jsonl", heldout)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8")

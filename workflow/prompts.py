@@ -1,8 +1,9 @@
 """The instruction format shared by the demo's SFT data and the lm-eval topic tasks.
 
 The demo builder (workflow/demo_corpus.py) writes the topic instruction dataset with
-:func:`topic_example`, and the evaluation's topic task (workflow/tasks/_lrm_topic.yaml,
-checked by workflow/evaluate.py) asks the same prompt with the same labels, so the SFT model is
+:func:`topic_example`, the evalset stage writes each held-out paragraph's :func:`topic_prompt`,
+and the evaluation's topic task (workflow/tasks/_lrm_topic.yaml, checked by
+workflow/evaluate.py) asks that prompt with the same labels, so the SFT model is
 evaluated on exactly the prompt it was taught; labels stay in English for every language (the
 cross-lingual transfer under test).
 """
@@ -41,3 +42,10 @@ def topic_example(text: str, topic: str) -> dict[str, str]:
     if topic not in TOPIC_LABELS:
         raise ValueError(f"unknown topic {topic!r}; known topics: {sorted(TOPIC_LABELS)}")
     return {"prompt": topic_prompt(text), "response": topic_answer(topic)}
+
+
+def topic_record(text: str, topic: str) -> dict[str, str | int]:
+    """A held-out paragraph as the evaluation's topic task reads it (evalset's topic.jsonl):
+    the prompt as a field, and the index of its label."""
+    return {"text": text, "prompt": topic_prompt(text), "label": TOPICS.index(topic),
+            "topic": topic}

@@ -119,6 +119,10 @@ class Stage:
         return stage_version(self.version_of or self.stage)
 
 
+# Training jobs are the long ones with many dependents: started first, they leave the short
+# merges and evaluations to fill the cores at the end instead of one last model training alone.
+TRAINING_FIRST = 10
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -131,17 +135,19 @@ STAGES: dict[str, Stage] = {
               "workflow.data evalset", local=True),
         Stage("pretrain", "pretrain", "results/base/{model}/{digest}", "pretrain", "train",
               "workflow.train pretrain", processes="gpus", threads_flag=True,
-              nonfinite_flag=True),
+              nonfinite_flag=True, priority=TRAINING_FIRST),
         Stage("import_hf", "import_hf", "results/import/{model}/{digest}", "import", "models",
               "workflow.models hf"),
         Stage("import_gguf", "import_gguf", "results/import-gguf/{model}/{digest}", "import",
               "models", "workflow.models gguf"),
         Stage("sft", "sft", "results/sft/{model}/{digest}", "sft", "train", "workflow.train sft",
-              processes="gpus", threads_flag=True, nonfinite_flag=True),
+              processes="gpus", threads_flag=True, nonfinite_flag=True, priority=TRAINING_FIRST),
         Stage("ct", "ct", "results/ct/{model}/{lang}/{tokens}/{digest}", "ct", "train",
-              "workflow.train ct", processes="gpus", threads_flag=True, nonfinite_flag=True),
+              "workflow.train ct", processes="gpus", threads_flag=True, nonfinite_flag=True,
+              priority=TRAINING_FIRST),
         Stage("ctsft", "sft", "results/ctsft/{model}/{lang}/{tokens}/{digest}", "sft", "train",
-              "workflow.train sft", processes="gpus", threads_flag=True, nonfinite_flag=True),
+              "workflow.train sft", processes="gpus", threads_flag=True, nonfinite_flag=True,
+              priority=TRAINING_FIRST),
         Stage("merge", "merge",
               "results/merge/{model}/{langs}/{tokens}/{method}/{hparams}/{digest}", "merge",
               "merge", "workflow.merge", nonfinite_flag=True),
