@@ -101,6 +101,59 @@ def test_jobs_share_one_worker_and_score_as_fresh_processes(eval_workers, tiny_e
     assert "in this process" in proc.stderr
 
 
+def merge_inputs(root: Path, model: Path) -> list[Path]:
+    """The tiny model as a base and two fine-tunes of it (its weights plus seeded noise)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    dirs = []
+    for seed, name in enumerate(("base", "ct", "sft")):
+        out = root / name
+        shutil.copytree(model, out, ignore=shutil.ignore_patterns("recipe.json", "manifest.json"))
+        generator = torch.Generator().manual_seed(seed)
+        noisy = {key: value + (0.02 * torch.randn(value.shape, generator=generator) if seed
+                               else 0) for key, value in weights.items()}
+        save_file(noisy, out / "model.safetensors", metadata={"format": "pt"})
+        dirs.append(out)
+    return dirs
+
+
+def test_merge_jobs_run_in_the_worker_and_write_the_same_bytes(eval_workers, tiny_eval_model):
+    from workflow.merge import STAGE_VERSIONS
+
+    cwd = eval_workers
+    base, ct, sft = merge_inputs(cwd / "inputs", tiny_eval_model["model"])
+    recipe = {"stage": "merge", "version": STAGE_VERSIONS["merge"], "method": "ties",
+              "params": {"lambda": 1.0, "normalize": True, "rescale": False}, "base": "b",
+              "models": [{"role": "ct", "lang": "eu", "digest": "c", "weight": 1.0,
+                          "density": 0.5},
+                         {"role": "sft", "digest": "s", "weight": 1.0, "density": 0.5}]}
+
+    def merge_command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "workflow.launch", "--gpus", "0", "--threads", "1", "--",
+                "workflow.merge", "--recipe", json.dumps(recipe), "--base", str(base),
+                "--models", str(ct), str(sft), "--out", str(out)]
+
+    evaluation = run_job(cwd, job_command(tiny_eval_model, 0, cwd / "w0.json"), job_env())
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    warm = run_job(cwd, merge_command(cwd / "warm"), job_env())
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert worker_pid(warm) == worker_pid(evaluation)  # the same worker, already warm
+    assert "workflow.merge.engine: wrote" in warm.stderr  # its log reaches the job's stderr
+    fresh = run_job(cwd, merge_command(cwd / "fresh"), job_env("exec"))
+    assert fresh.returncode == 0 and not WORKER_PID.search(fresh.stderr), fresh.stderr[-3000:]
+    for name in ("model.safetensors", "manifest.json", "config.json"):
+        assert (cwd / "warm" / name).read_bytes() == (cwd / "fresh" / name).read_bytes(), name
+    # A merge that fails (an input that is not a model) fails its job, not the worker.
+    broken = run_job(cwd, merge_command(cwd / "broken")[:-5] + [
+        "--models", str(cwd), str(sft), "--out", str(cwd / "broken")], job_env())
+    assert broken.returncode != 0 and not (cwd / "broken").exists()
+    assert worker_pid(broken) == worker_pid(evaluation)
+
+
 def test_a_failing_job_fails_alone(eval_workers, tiny_eval_model):
     cwd = eval_workers
     bad = run_job(cwd, job_command(tiny_eval_model, 0, cwd / "bad.json",

@@ -31,10 +31,10 @@ One process without a GPU lease (a CPU job, or a SLURM job's own allocation) run
 launcher's interpreter: the stage's main runs here, as ``python -m workflow.lifeline MODULE``
 would run it after an exec, armed the same way, sparing the job a second interpreter start
 (evaluation jobs are mostly fixed cost). LRMERGE_LAUNCH=exec keeps the exec for such jobs too.
-An evaluation job (``workflow.evaluate``) outside SLURM goes further: it becomes a thin client
-of a warm worker of the Snakemake run, which imported torch, transformers and lm-eval once
-(workflow/eval_worker/); it runs here when no worker can take it (the reason logged), and
-LRMERGE_LAUNCH=inprocess (or exec) keeps it out of the workers.
+An evaluation or merge job (``workflow.evaluate``, ``workflow.merge``) outside SLURM goes
+further: it becomes a thin client of a warm worker of the Snakemake run, which imported torch,
+transformers and lm-eval once (workflow/eval_worker/); it runs here when no worker can take it
+(the reason logged), and LRMERGE_LAUNCH=inprocess (or exec) keeps it out of the workers.
 
 Otherwise the launcher replaces itself with the command (exec), so Snakemake's signals reach
 torchrun, srun or the stage directly, and the lock files stay held by that process until it
@@ -61,12 +61,13 @@ from dataclasses import dataclass
 
 from workflow import gpu, lifeline
 from workflow.artifacts import verify_inputs
+from workflow.eval_worker import WORKER_MODULES
 
 log = logging.getLogger("workflow.launch")
 
 RDZV_PORT = 29400  # torchrun's c10d default; the base of the port when HEAD is another host
 # "exec": exec a second interpreter even where in-process would do; "inprocess": no evaluation
-# worker; unset or "worker": evaluation jobs run in a warm worker (workflow/eval_worker/).
+# worker; unset or "worker": evaluation and merge jobs run in a warm worker (eval_worker/).
 MODE_ENV = "LRMERGE_LAUNCH"
 
 
@@ -235,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = env.get(MODE_ENV, "").strip().lower()
     in_process = (nproc == 1 and args.nodes == 1 and (not args.gpus or gpu.under_slurm())
                   and mode != "exec")
-    worker = (in_process and command[0] == "workflow.evaluate" and not gpu.under_slurm()
+    worker = (in_process and command[0] in WORKER_MODULES and not gpu.under_slurm()
               and mode in ("", "worker"))
     log.info("running %s%s", shlex.join(command if in_process else argv_out),
-             " in an evaluation worker" if worker else " in this process" if in_process else "")
+             " in a warm worker" if worker else " in this process" if in_process else "")
     lifeline.prepare_exec(env)  # the stage (or srun) dies with its job (workflow/lifeline.py)
     if worker:
         from workflow.eval_worker import client as eval_worker
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             code = eval_worker.run(command, env)
         except Exception as error:  # noqa: BLE001 - the job can still run here
-            log.warning("evaluation worker failed (%r); running the job here", error)
+            log.warning("warm worker failed (%r); running the job here", error)
             code = None
         if code is not None:
             sys.stdout.flush()

@@ -1,4 +1,5 @@
-"""Warm evaluation workers: each evaluation job a thin client of a process that imported already.
+"""Warm evaluation workers: each evaluation (or merge) job a thin client of a process that
+imported already.
 
 An evaluation job's time is mostly fixed cost: importing torch, transformers and lm-eval and
 building lm-eval's tasks (~6 s of CPU) against well under a second of scoring on small models.
@@ -20,13 +21,15 @@ work to a long-lived process of the same Snakemake run that has paid the fixed c
   torch, transformers, lm-eval and workflow.evaluate first, inside the job's kind of HF cache
   settings (see Modes), and then serves one job at a time; lm-eval's TaskManager stays cached
   between jobs (``workflow.evaluate.make_task_manager``).
-- A job. The client sends ``{argv, env, cwd, fingerprint}`` and its fds 1 and 2 (SCM_RIGHTS).
-  The worker puts those fds on its own 1 and 2, the job's environment in ``os.environ``,
-  chdirs, sets torch's threads from OMP_NUM_THREADS, resets logging, runs
-  ``workflow.evaluate.main(argv)`` and answers the exit status a fresh process would have had
-  (SystemExit's code, 1 and the traceback on the job's stderr for an exception). The job's
-  log file gets what a fresh process would have written there; scores are the same (the
-  evaluation seeds every generator itself; tests/test_eval_worker.py compares).
+- A job. The client sends ``{module, argv, env, cwd, fingerprint}`` and its fds 1 and 2
+  (SCM_RIGHTS). The worker puts those fds on its own 1 and 2, the job's environment in
+  ``os.environ``, chdirs, sets torch's threads from OMP_NUM_THREADS, resets logging, runs
+  ``main(argv)`` of the module (``workflow.evaluate``, or ``workflow.merge``: merge jobs of
+  small models are mostly importing torch too; WORKER_MODULES) and answers the exit status
+  a fresh process would have had (SystemExit's code, 1 and the traceback on the job's stderr
+  for an exception). The job's
+  log file gets what a fresh process would have written there; scores and merged weights are
+  the same (the evaluation seeds every generator itself; tests/test_eval_worker.py compares).
 - Exit. A worker ends when the owner is gone (polled every second), after
   LRMERGE_WORKER_IDLE seconds without a job (default 300), after a job that leaves it above
   LRMERGE_WORKER_MAX_RSS_MB (default 6000), or when a request's code fingerprint differs from
@@ -81,6 +84,9 @@ IMPORT_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH
 SOCKET_PATH_MAX = 107  # AF_UNIX sun_path holds 108 bytes, NUL included
 OFFLINE_TASKS = ("topic", "bpb")  # workflow.evaluate.OFFLINE_TASKS (checked in the tests)
 HEADER = 4  # bytes of a request's length prefix
+# The stages a worker runs: single-process CPU jobs whose own work is small against importing
+# torch (merges of small models take ~0.4 s of a 2 s job). Each module's main(argv) is the job.
+WORKER_MODULES = ("workflow.evaluate", "workflow.merge")
 # ``python -m workflow.eval_worker`` from this package's directory, wherever the job's working
 # directory is, with the job's environment untouched (PYTHONPATH is in the fingerprint).
 WORKER_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -104,9 +110,12 @@ def fingerprint(env: dict[str, str], mode: str) -> str:
     return digest.hexdigest()
 
 
-def job_mode(argv: list[str]) -> str:
+def job_mode(module: str, argv: list[str]) -> str:
     """"offline" when the job's recipe asks only for the project's offline tasks (they run
-    with the HF libraries imported offline), else "registry"."""
+    with the HF libraries imported offline), else "registry". A merge imports no HF library:
+    any worker serves it, "offline" ones by convention."""
+    if module != "workflow.evaluate":
+        return "offline"
     try:
         recipe = json.loads(argv[argv.index("--recipe") + 1])
         tasks = [t for spec in recipe["suites"].values() for t in spec["tasks"]]

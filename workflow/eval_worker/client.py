@@ -22,6 +22,7 @@ from workflow.eval_worker import (
     PACKAGE,
     START_TIMEOUT_ENV,
     WORKER_MAIN,
+    WORKER_MODULES,
     fingerprint,
     job_mode,
     recv_line,
@@ -118,15 +119,17 @@ def _start_worker(slot_dir: Path, slot: int, path: Path, owner: str, mode: str,
 
 
 def run(command: list[str], env: dict[str, str]) -> int | None:
-    """Run the evaluation ``command`` (``workflow.evaluate ARGS``) in a warm worker of this
-    Snakemake run; returns its exit status, or None (the reason logged) when no worker can
-    be used and the caller should run it itself."""
+    """Run ``command`` (``MODULE ARGS``, MODULE one of WORKER_MODULES) in a warm worker of
+    this Snakemake run; returns its exit status, or None (the reason logged) when no worker
+    can be used and the caller should run it itself."""
     owner = _owner_key(env)
     if owner is None:
         log.info("eval worker: the job has no owner (LRMERGE_JOB_OWNER); running in process")
         return None
-    argv, cwd = command[1:], os.getcwd()
-    mode = job_mode(argv)
+    module, argv, cwd = command[0], command[1:], os.getcwd()
+    if module not in WORKER_MODULES:
+        raise ValueError(f"eval worker: {module} is not one of {WORKER_MODULES}")
+    mode = job_mode(module, argv)
     root = Path(cwd) / ".cache" / "lrmerge" / "eval-worker"
     slot_dir = root / owner
     try:
@@ -149,7 +152,8 @@ def run(command: list[str], env: dict[str, str]) -> int | None:
     os.environ.update(env)
     lifeline.arm()
     wanted = fingerprint(env, mode)
-    request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "fingerprint": wanted}).encode()
+    request = json.dumps({"module": module, "argv": argv, "env": env, "cwd": cwd,
+                          "fingerprint": wanted}).encode()
     for attempt in range(3):
         connected = _connect(path) if path.exists() else None
         if connected is None:

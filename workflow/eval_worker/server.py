@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from workflow.eval_worker import (
     HEADER,
     IDLE_ENV,
     MAX_RSS_ENV,
+    WORKER_MODULES,
     fingerprint,
     send_json,
 )
@@ -63,6 +65,8 @@ class Worker:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
                 from lm_eval.models.huggingface import HFLM  # noqa: F401
+
+                import workflow.merge.__main__  # noqa: F401
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -129,7 +133,8 @@ class Worker:
                 send_json(conn, {"stale": True})
                 return "exit"
             self.jobs += 1
-            self.say("job %d: %s", self.jobs, " ".join(request["argv"][:1] + ["..."]))
+            self.say("job %d: %s %s ...", self.jobs, request.get("module"),
+                     " ".join(request["argv"][:1]))
             done = threading.Event()
             threading.Thread(target=self.watch, args=(conn, done), daemon=True).start()
             began = time.monotonic()
@@ -172,7 +177,13 @@ class Worker:
         and 2, environment and working directory; returns its exit status."""
         import torch
 
-        from workflow import evaluate
+        module = request.get("module", "workflow.evaluate")
+        if module not in WORKER_MODULES:
+            print(f"eval worker: {module} is not one of {WORKER_MODULES}", file=sys.stderr)
+            return 2
+        stage = importlib.import_module(module)
+        if not hasattr(stage, "main"):  # a package: ``python -m`` runs its __main__
+            stage = importlib.import_module(f"{module}.__main__")
 
         sys.stdout.flush()
         sys.stderr.flush()
@@ -192,11 +203,11 @@ class Worker:
             for handler in logging.root.handlers[:]:
                 logging.root.removeHandler(handler)
             logging.root.setLevel(logging.WARNING)
-            sys.argv = ["workflow.evaluate", *request["argv"]]
+            sys.argv = [module, *request["argv"]]
             with contextlib.suppress(AttributeError):  # "once" warnings: once per job
                 warnings._filters_mutated()
             try:
-                evaluate.main(request["argv"])
+                stage.main(request["argv"])
                 rc = 0
             except SystemExit as stop:
                 if stop.code is None:
