@@ -94,6 +94,22 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "model.safetensors")
 
 
+def kill_after(command: list[str], marker: Path, out: Path) -> None:
+    """Run a training job and kill -9 it as soon as ``marker`` (a complete checkpoint) exists,
+    before it could finish ``out``."""
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before the kill: make it longer"
+    assert marker.exists()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("resume")
@@ -117,21 +133,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
     # Kill once a checkpoint of the second epoch is complete: the rerun must then restore the
     # epoch position, the skipped batches, the schedule and the token count.
     wanted = work / "checkpoint-40" / train.CHECKPOINT_DONE
-    proc = subprocess.Popen(
-        ct_command(recipe, setup["model"], setup["data"], out),
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not wanted.exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists(), "the run finished before the kill: make it longer"
-    assert wanted.exists()
+    kill_after(ct_command(recipe, setup["model"], setup["data"], out), wanted, out)
 
     rerun = subprocess.run(
         ct_command(recipe, setup["model"], setup["data"], out),
@@ -213,17 +215,8 @@ def test_killed_and_resumed_sft_equals_uninterrupted(setup):
     subprocess.run(command(whole), env=env(), check=True, capture_output=True)
     out = root / "sft-resumed"
     # 200 examples in micro-batches of 4: 50 steps an epoch. Step 60 is inside the second.
-    wanted = train.work_dir_for(out) / "checkpoint-60" / train.CHECKPOINT_DONE
-    proc = subprocess.Popen(command(out), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not wanted.exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists(), "the run finished before the kill: make it longer"
+    kill_after(command(out), train.work_dir_for(out) / "checkpoint-60" / train.CHECKPOINT_DONE,
+               out)
     rerun = subprocess.run(command(out), env=env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_json(out / "metrics.json")["resumed_from_step"] >= 60

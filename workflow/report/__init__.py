@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,24 +174,25 @@ def write_report(score_paths: Sequence[str | Path], out: str | Path,
     return scores
 
 
+# name -> (description, its one argument, that argument's help, what prints the answer)
+SUBCOMMANDS: dict[str, tuple[str, str, str, Callable[[Path], str]]] = {
+    "timings": ("Wall time per stage from Snakemake benchmark TSV files.", "bench_dir",
+                "directory searched recursively",
+                lambda path: timings_markdown(benchmark_timings(path))),
+    "plan": ("The tables and plots a config's report will hold (nothing is run or validated).",
+             "config", "a config file (config.yaml, a preset)", report_plan),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv[:1] == ["timings"]:
-        parser = argparse.ArgumentParser(prog="python -m workflow.report timings",
-                                         description="Wall time per stage from Snakemake "
-                                         "benchmark TSV files.")
-        parser.add_argument("bench_dir", type=Path, help="directory searched recursively")
-        args = parser.parse_args(argv[1:])
-        print(timings_markdown(benchmark_timings(args.bench_dir)))
-        return 0
-    if argv[:1] == ["plan"]:
-        parser = argparse.ArgumentParser(prog="python -m workflow.report plan",
-                                         description="The tables and plots a config's report "
-                                         "will hold (nothing is run or validated).")
-        parser.add_argument("config", type=Path, help="a config file (config.yaml, a preset)")
-        args = parser.parse_args(argv[1:])
-        print(report_plan(args.config))
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        description, name, help_text, run = SUBCOMMANDS[argv[0]]
+        parser = argparse.ArgumentParser(prog=f"python -m workflow.report {argv[0]}",
+                                         description=description)
+        parser.add_argument(name, type=Path, help=help_text)
+        print(run(getattr(parser.parse_args(argv[1:]), name)))
         return 0
     parser = argparse.ArgumentParser(prog="python -m workflow.report",
                                      description=(__doc__ or "").split("\n\n")[0])
