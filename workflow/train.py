@@ -728,14 +728,13 @@ def _trainer_classes() -> tuple[type, type]:
         group_by_length = False
 
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            dataset = self.train_dataset if train_dataset is None else train_dataset
             if self.group_by_length:
-                dataset = self.train_dataset if train_dataset is None else train_dataset
                 return LengthGroupedEpochs(
                     [len(dataset[i]["input_ids"]) for i in range(len(dataset))],
                     self.args.per_device_train_batch_size, self.args.seed,
                 )
             if self.sequential:
-                dataset = self.train_dataset if train_dataset is None else train_dataset
                 return torch.utils.data.SequentialSampler(dataset)
             return super()._get_train_sampler(train_dataset)
 

@@ -22,7 +22,6 @@ from workflow.eval_worker import (
     PACKAGE,
     START_TIMEOUT_ENV,
     WORKER_MAIN,
-    WORKER_MODULES,
     fingerprint,
     job_mode,
     recv_line,
@@ -126,9 +125,8 @@ def run(command: list[str], env: dict[str, str]) -> int | None:
     if owner is None:
         log.info("eval worker: the job has no owner (LRMERGE_JOB_OWNER); running in process")
         return None
+    # The launcher sends only WORKER_MODULES; the worker refuses any other.
     module, argv, cwd = command[0], command[1:], os.getcwd()
-    if module not in WORKER_MODULES:
-        raise ValueError(f"eval worker: {module} is not one of {WORKER_MODULES}")
     mode = job_mode(module, argv)
     root = Path(cwd) / ".cache" / "lrmerge" / "eval-worker"
     slot_dir = root / owner
